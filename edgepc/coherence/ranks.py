@@ -1,0 +1,123 @@
+"""Normalised ranks of dissimilarities: the batch estimate of a model's perception.
+
+For an anchor row i of a dissimilarity matrix D (n × N, row i's own column excluded), the
+rank of j is R(i, j) = 1/(N-2) · Σ_{k ∉ {i, j}} H(D_ij - D_ik) with H the Heaviside step
+(½ at 0, i.e. mid-ranks for ties). The soft rank replaces H by a logistic of temperature τ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# A logistic of argument <= -200 is exactly 0 in float32/float64 and so is its derivative:
+# writing this margin on the diagonal removes k = i from the soft-rank sums without a mask.
+_SENTINEL_MARGIN = 200.0
+
+
+def default_anchors(d: Tensor) -> Tensor:
+    """Column index of each row's own entry when ``d`` is a square matrix."""
+    return torch.arange(d.shape[0], device=d.device)
+
+
+def drop_self(d: Tensor, anchors: Tensor) -> Tensor:
+    """Rows of ``d`` (n, N) without each row's own column ``anchors[r]`` -> (n, N-1)."""
+    cols = torch.arange(d.shape[1] - 1, device=d.device).expand(d.shape[0], -1)
+    return d.gather(1, cols + (cols >= anchors[:, None]))
+
+
+def run_starts(new_run: Tensor) -> Tensor:
+    """For a (rows, n) mask marking where each run of equal sorted values begins, the
+    position of the first element of the run each element belongs to."""
+    position = torch.arange(new_run.shape[-1], device=new_run.device).expand_as(new_run)
+    return torch.where(new_run, position, 0).cummax(dim=-1).values
+
+
+def midranks(x: Tensor) -> Tensor:
+    """0-based ranks along the last dim of a 2-D tensor, ties sharing the mean of their ranks.
+
+    One sort, then each run of equal values gets (first + last position) / 2: O(n log n).
+    """
+    n = x.shape[-1]
+    ordered, order = x.sort(dim=-1)
+    new_run = torch.ones_like(x, dtype=torch.bool)
+    new_run[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first = run_starts(new_run)
+    # The last position of a run, read from the right: run starts of the reversed sequence.
+    run_end = torch.ones_like(new_run)
+    run_end[:, :-1] = new_run[:, 1:]
+    last = n - 1 - run_starts(run_end.flip(-1)).flip(-1)
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    return torch.empty_like(x, dtype=dtype).scatter_(-1, order, (first + last).to(dtype) / 2)
+
+
+def hard_ranks(d: Tensor, anchors: Tensor | None = None) -> Tensor:
+    """Normalised mid-ranks R̂(i, j) in [0, 1] of each row of ``d``; each row's own entry is 0.
+
+    ``d`` is (n, N): row r holds the dissimilarities of anchor ``anchors[r]`` to all N inputs
+    (default: the square case, anchor r is column r). O(n·N log N) by sorting.
+    """
+    anchors = default_anchors(d) if anchors is None else anchors
+    n_total = d.shape[1]
+    ranks = midranks(drop_self(d, anchors)) / (n_total - 2)
+    out = torch.zeros_like(d, dtype=ranks.dtype)
+    cols = torch.arange(n_total - 1, device=d.device).expand(d.shape[0], -1)
+    return out.scatter_(1, cols + (cols >= anchors[:, None]), ranks)
+
+
+def scaled_with_sentinel(d: Tensor, tau: float) -> Tensor:
+    """``d / τ`` with the diagonal raised so that far that no soft rank counts k = i."""
+    scaled = d / tau
+    sentinel = scaled.detach().max() + _SENTINEL_MARGIN
+    eye = torch.eye(d.shape[0], dtype=torch.bool, device=d.device)
+    return scaled.masked_fill(eye, sentinel)
+
+
+def soft_rank_terms(a: Tensor, rows: slice) -> Tensor:
+    """σ(a_ij - a_ik) for anchors i in ``rows``: a (len(rows), N, N) block, k = i terms 0."""
+    block = a[rows]
+    return torch.sigmoid_(block[:, :, None] - block[:, None, :])
+
+
+@torch.no_grad()
+def soft_ranks(d: Tensor, tau: float, chunk_rows: int | None = None) -> Tensor:
+    """Soft ranks R̃(i, j) of a square matrix ``d`` (diagonal ignored, returned as 0).
+
+    Memory O(chunk_rows · B²): anchors are processed in chunks. It carries no gradient
+    (teacher side); the student side goes through the loss's custom backward.
+    """
+    b = d.shape[0]
+    a = scaled_with_sentinel(d, tau)
+    step = chunk_rows or default_chunk_rows(b)
+    out = torch.empty_like(a)
+    for start in range(0, b, step):
+        rows = slice(start, min(start + step, b))
+        # Σ_{k≠i} includes k = j, which contributes σ(0) = ½: subtract it.
+        out[rows] = (soft_rank_terms(a, rows).sum(2) - 0.5) / (b - 2)
+    return out.fill_diagonal_(0.0)
+
+
+def soft_ranks_reference(d: Tensor, tau: float) -> Tensor:
+    """Soft ranks by the definition with explicit masks: O(B³) memory, for tests only."""
+    b = d.shape[0]
+    idx = torch.arange(b, device=d.device)
+    i, j, k = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+    keep = (k != i) & (k != j) & (j != i)
+    z = (d[:, :, None] - d[:, None, :]) / tau
+    return (torch.sigmoid(z) * keep).sum(2) / (b - 2)
+
+
+def hard_ranks_reference(d: Tensor) -> Tensor:
+    """Hard ranks by the definition (Heaviside, ½ at ties): O(B³) memory, for tests only."""
+    b = d.shape[0]
+    idx = torch.arange(b, device=d.device)
+    i, j, k = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+    keep = (k != i) & (k != j) & (j != i)
+    diff = d[:, :, None] - d[:, None, :]
+    step = (diff > 0).to(d.dtype) + 0.5 * (diff == 0).to(d.dtype)
+    return (step * keep).sum(2) / (b - 2)
+
+
+def default_chunk_rows(batch: int, budget: int = 1 << 24) -> int:
+    """Anchors per chunk so that one (chunk, B, B) block holds about ``budget`` elements."""
+    return max(1, budget // (batch * batch))
