@@ -188,7 +188,11 @@ def perception_coherence_loss(
     with torch.autocast(student.device.type, enabled=False):
         s_dis, t_dis = _feature_dissimilarities(student, teacher, dissimilarity)
         return pc_loss_from_dissimilarities(
-            s_dis, t_dis, tau=tau, penalty=penalty, teacher_ranks=teacher_ranks,
+            s_dis,
+            t_dis,
+            tau=tau,
+            penalty=penalty,
+            teacher_ranks=teacher_ranks,
             chunk_rows=chunk_rows,
         )
 

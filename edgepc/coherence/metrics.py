@@ -7,6 +7,7 @@ dissimilarities. Memory is O(block · N); nothing N×N×N is ever built.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,26 +109,27 @@ DissimilarityRows = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def _accumulate(rows_of: DissimilarityRows, n_total: int, block_rows: int) -> CoherenceMetrics:
-    gap_sum = 0.0
+    # Sums are exact (integers, fsum), so the result does not depend on the block size.
+    gap_twice = 0  # Σ |2·midrank_S - 2·midrank_T|: integers
     agree = 0
-    rho_sum, rho_count = 0.0, 0
+    rhos: list[float] = []
     for start in range(0, n_total, block_rows):
         anchors = torch.arange(start, min(start + block_rows, n_total))
         s_rows, t_rows = rows_of(anchors)
         anchors = anchors.to(s_rows.device)
         s_rows, t_rows = drop_self(s_rows, anchors), drop_self(t_rows, anchors)
         s_rank, t_rank = midranks(s_rows), midranks(t_rows)
-        gap_sum += float((s_rank - t_rank).abs().sum()) / (n_total - 2)
         # Doubled mid-ranks are exact integers with the same order: cheaper to sort and merge.
-        agree += int(agreeing_pairs((2 * s_rank).int(), (2 * t_rank).int()).sum())
+        s_int, t_int = (2 * s_rank).int(), (2 * t_rank).int()
+        gap_twice += int((s_int - t_int).abs().sum())
+        agree += int(agreeing_pairs(s_int, t_int).sum())
         rho, defined = _pearson_rows(s_rank, t_rank)
-        rho_sum += float(rho[defined].sum())
-        rho_count += int(defined.sum())
+        rhos += rho[defined].tolist()
     n = n_total - 1
     return CoherenceMetrics(
-        rank_gap=gap_sum / (n_total * n),
+        rank_gap=gap_twice / (2 * (n_total - 2) * n_total * n),
         triplet_agreement=agree / (n_total * (n * (n - 1) // 2)),
-        spearman=rho_sum / rho_count if rho_count else float("nan"),
+        spearman=math.fsum(rhos) / len(rhos) if rhos else float("nan"),
     )
 
 

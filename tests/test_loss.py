@@ -1,0 +1,227 @@
+import pytest
+import torch
+
+from edgepc.coherence import (
+    DISSIMILARITIES,
+    PerceptionCoherenceLoss,
+    coherence_metrics,
+    pairwise_dissimilarity,
+    pc_loss_from_dissimilarities,
+    pc_loss_reference_from_dissimilarities,
+    perception_coherence_loss,
+    perception_coherence_loss_reference,
+)
+from edgepc.measure import peak_memory
+from tests.conftest import random_rotation
+
+OPTIONS = [
+    {"teacher_ranks": "soft", "penalty": "square", "tau": 0.3},
+    {"teacher_ranks": "hard", "penalty": "square", "tau": 0.1},
+    {"teacher_ranks": "soft", "penalty": "abs", "tau": 1.0},
+    {"teacher_ranks": "hard", "penalty": "abs", "tau": 0.05},
+]
+
+
+def _value_and_grad(loss_fn, student, teacher, **options):
+    s = student.clone().requires_grad_()
+    loss = loss_fn(s, teacher, **options)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("metric", DISSIMILARITIES)
+@pytest.mark.parametrize(("b", "chunk_rows"), [(3, None), (8, 3), (33, 5), (64, None)])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_memory_bounded_equals_reference(metric, b, chunk_rows, options):
+    student = torch.randn(b, 7, dtype=torch.float64)
+    teacher = torch.randn(b, 19, dtype=torch.float64)  # d_T ≠ d_S
+    value, grad = _value_and_grad(
+        perception_coherence_loss,
+        student,
+        teacher,
+        dissimilarity=metric,
+        chunk_rows=chunk_rows,
+        **options,
+    )
+    ref_value, ref_grad = _value_and_grad(
+        perception_coherence_loss_reference, student, teacher, dissimilarity=metric, **options
+    )
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-9)
+    assert value > 0
+
+
+def test_hand_computed_value():
+    # B = 3: each (i, j) has one k, so R̃(i, j) = σ((Ŝ_ij - Ŝ_ik) / τ). mean(S) = 2 and τ = ½
+    # make (Ŝ_ij - Ŝ_ik) / τ = S_ij - S_ik. Teacher (hard): anchor 0 nearer to 1, anchors 1
+    # and 2 nearer to each other than to 0. The student agrees on anchor 0 only.
+    s = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.5], [2.0, 0.5, 0.0]])
+    loss = pc_loss_from_dissimilarities(s, t, tau=0.5, teacher_ranks="hard")
+
+    def sig(x):
+        return torch.sigmoid(torch.tensor(x))
+
+    errors = [sig(-1.0) - 0, sig(1.0) - 1]  # anchor 0: targets 0, 1
+    errors += [sig(-2.0) - 1, sig(2.0) - 0]  # anchor 1: targets 1, 0
+    errors += [sig(-1.0) - 1, sig(1.0) - 0]  # anchor 2: targets 1, 0
+    expected = torch.stack(errors).square().mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(
+        pc_loss_from_dissimilarities(s, t, tau=0.5, teacher_ranks="hard", penalty="abs"),
+        torch.stack(errors).abs().mean(),
+    )
+
+
+@pytest.mark.parametrize(
+    "increasing_map",
+    [lambda d: 3.7 * d, lambda d: d**3, torch.exp],
+    ids=["scale", "power", "exp"],
+)
+def test_hard_teacher_loss_invariant_to_increasing_maps(increasing_map):
+    s = pairwise_dissimilarity(torch.randn(30, 5, dtype=torch.float64))
+    t = pairwise_dissimilarity(torch.randn(30, 9, dtype=torch.float64))
+    base = pc_loss_from_dissimilarities(s, t, teacher_ranks="hard")
+    mapped = pc_loss_from_dissimilarities(s, increasing_map(t), teacher_ranks="hard")
+    assert mapped == base  # same ranks, bit for bit
+
+
+def test_soft_teacher_loss_invariant_to_teacher_scale_only():
+    s = pairwise_dissimilarity(torch.randn(30, 5, dtype=torch.float64))
+    t = pairwise_dissimilarity(torch.randn(30, 9, dtype=torch.float64))
+    base = pc_loss_from_dissimilarities(s, t)
+    torch.testing.assert_close(pc_loss_from_dissimilarities(s, 42.0 * t), base)
+    # Soft ranks read distances, not only their order: a power changes them (documented).
+    assert not torch.isclose(pc_loss_from_dissimilarities(s, t**3), base)
+
+
+@pytest.mark.parametrize("metric", DISSIMILARITIES)
+def test_rotated_rescaled_copy_of_teacher(metric):
+    teacher = torch.randn(48, 12, dtype=torch.float64)
+    student = 5.0 * teacher @ random_rotation(12)
+    soft = perception_coherence_loss(student, teacher, dissimilarity=metric)
+    assert soft.item() == pytest.approx(0.0, abs=1e-12)
+    hard = [
+        perception_coherence_loss(
+            student, teacher, dissimilarity=metric, tau=tau, teacher_ranks="hard"
+        ).item()
+        for tau in (0.3, 0.03, 1e-3, 1e-5)
+    ]
+    assert hard == sorted(hard, reverse=True)
+    assert hard[-1] < 1e-6
+
+
+@pytest.mark.parametrize("metric", DISSIMILARITIES)
+@pytest.mark.parametrize("teacher_ranks", ["soft", "hard"])
+def test_scale_invariant_without_radial_gradient(metric, teacher_ranks):
+    student, teacher = (
+        torch.randn(40, 8, dtype=torch.float64),
+        torch.randn(40, 6, dtype=torch.float64),
+    )
+    options = {"dissimilarity": metric, "teacher_ranks": teacher_ranks}
+    value, grad = _value_and_grad(perception_coherence_loss, student, teacher, **options)
+    for c in (1e-3, 0.5, 250.0):
+        scaled, _ = _value_and_grad(perception_coherence_loss, c * student, teacher, **options)
+        torch.testing.assert_close(scaled, value, rtol=1e-5, atol=0)
+    radial = (grad * student).sum()
+    assert abs(radial) < 1e-6 * grad.norm() * student.norm()
+    assert grad.norm() > 0
+
+
+@pytest.mark.parametrize("metric", DISSIMILARITIES)
+@pytest.mark.parametrize("teacher_ranks", ["soft", "hard"])
+def test_finite_gradients_with_duplicates(metric, teacher_ranks):
+    base = torch.randn(10, 4)
+    student = torch.cat([base, base[:3], base[:1]])  # duplicates: zero-distance pairs
+    teacher = torch.cat([torch.randn(10, 6), torch.randn(4, 6)])
+    for fn in (perception_coherence_loss, perception_coherence_loss_reference):
+        value, grad = _value_and_grad(
+            fn, student, teacher, dissimilarity=metric, teacher_ranks=teacher_ranks
+        )
+        assert torch.isfinite(value)
+        assert torch.isfinite(grad).all()
+
+
+def test_identical_student_rows_give_finite_loss():
+    value, grad = _value_and_grad(perception_coherence_loss, torch.ones(6, 3), torch.randn(6, 3))
+    assert torch.isfinite(value)
+    assert torch.isfinite(grad).all()
+
+
+def test_training_with_the_loss_makes_student_coherent():
+    torch.manual_seed(1)
+    teacher = torch.randn(128, 32)
+    student_net = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+    )
+    criterion = PerceptionCoherenceLoss()
+    opt = torch.optim.Adam(student_net.parameters(), lr=3e-3)
+    before = coherence_metrics(student_net(teacher).detach(), teacher).triplet_agreement
+    for _ in range(100):
+        opt.zero_grad()
+        loss = criterion(student_net(teacher), teacher)
+        loss.backward()
+        opt.step()
+    after = coherence_metrics(student_net(teacher).detach(), teacher).triplet_agreement
+    print(f"triplet agreement {before:.3f} -> {after:.3f}")
+    assert before < 0.75
+    assert after > before + 0.1
+
+
+def test_float16_and_autocast_inputs_give_float32_loss():
+    student = torch.randn(16, 4).half().requires_grad_()
+    loss = perception_coherence_loss(student, torch.randn(16, 6).half())
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert student.grad.dtype == torch.float16
+    assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dissimilarity": "l1"}, "unknown dissimilarity 'l1'"),
+        ({"tau": 0.0}, "tau must be > 0"),
+        ({"penalty": "huber"}, "unknown penalty 'huber'"),
+        ({"teacher_ranks": "medium"}, "unknown teacher_ranks 'medium'"),
+    ],
+)
+def test_bad_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        perception_coherence_loss(torch.randn(5, 3), torch.randn(5, 3), **options)
+    with pytest.raises(ValueError, match=message):
+        PerceptionCoherenceLoss(**options)
+
+
+@pytest.mark.parametrize(
+    ("student", "teacher", "message"),
+    [
+        (torch.randn(5, 3), torch.randn(6, 3), "mismatched batch sizes"),
+        (torch.randn(2, 3), torch.randn(2, 3), "batch size 2 < 3"),
+        (torch.tensor([[float("nan")] * 3] * 4), torch.randn(4, 3), "NaN or Inf"),
+    ],
+)
+def test_bad_features_raise(student, teacher, message):
+    with pytest.raises(ValueError, match=message):
+        perception_coherence_loss(student, teacher)
+    with pytest.raises(ValueError, match=message):
+        PerceptionCoherenceLoss(memory_bounded=False)(student, teacher)
+
+
+def test_bad_dissimilarity_matrices_raise():
+    with pytest.raises(ValueError, match="square matrices"):
+        pc_loss_from_dissimilarities(torch.rand(4, 4), torch.rand(5, 5))
+    with pytest.raises(ValueError, match="square matrices"):
+        pc_loss_reference_from_dissimilarities(torch.rand(4, 3), torch.rand(4, 3))
+
+
+@pytest.mark.slow
+def test_peak_memory_is_quadratic_not_cubic():
+    b = 768
+    student = torch.randn(b, 128, requires_grad=True)
+    teacher = torch.randn(b, 512)
+    with peak_memory() as peak:
+        perception_coherence_loss(student, teacher).backward()
+    # One B×B×B float32 tensor is 1.8 GB here; the bounded loss needs a few 64 MB blocks.
+    assert peak.bytes < 400 * 2**20
+    assert torch.isfinite(student.grad).all()

@@ -1,0 +1,136 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from edgepc.coherence import (
+    coherence_metrics,
+    coherence_metrics_from_dissimilarities,
+    hard_ranks,
+    pairwise_dissimilarity,
+)
+from edgepc.coherence.metrics import agreeing_pairs, count_inversions
+from edgepc.measure import peak_memory
+from tests.conftest import random_rotation
+
+
+def _brute_force(s, t):
+    """The three metrics by their definitions, triplet by triplet."""
+    n = s.shape[0]
+    agree = total = 0
+    for i, j, k in itertools.permutations(range(n), 3):
+        total += 1
+        agree += np.sign(s[i, j] - s[i, k]) == np.sign(t[i, j] - t[i, k])
+    rs, rt = hard_ranks(torch.from_numpy(s)).numpy(), hard_ranks(torch.from_numpy(t)).numpy()
+    off = ~np.eye(n, dtype=bool)
+    rhos = [spearmanr(s[i][off[i]], t[i][off[i]]).statistic for i in range(n)]
+    return np.abs(rs - rt)[off].mean(), agree / total, np.mean(rhos)
+
+
+def test_count_inversions_equals_pair_loop():
+    x = torch.randint(0, 5, (6, 23))
+    expected = [sum(int(r[p] > r[q]) for p in range(23) for q in range(p + 1, 23)) for r in x]
+    assert count_inversions(x).tolist() == expected
+
+
+def test_agreeing_pairs_equals_pair_loop_with_ties():
+    a, b = torch.randint(0, 4, (5, 19)), torch.randint(0, 4, (5, 19))
+    expected = [
+        sum(
+            int(torch.sign(a[r, p] - a[r, q]) == torch.sign(b[r, p] - b[r, q]))
+            for p in range(19)
+            for q in range(p + 1, 19)
+        )
+        for r in range(5)
+    ]
+    assert agreeing_pairs(a, b).tolist() == expected
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_equal_brute_force(ties):
+    s = pairwise_dissimilarity(torch.randn(14, 3, dtype=torch.float64))
+    t = pairwise_dissimilarity(torch.randn(14, 5, dtype=torch.float64))
+    if ties:
+        s, t = torch.round(s), torch.round(t * 2)
+    gap, agreement, rho = _brute_force(s.numpy(), t.numpy())
+    m = coherence_metrics_from_dissimilarities(s, t, block_rows=4)
+    assert m.rank_gap == pytest.approx(gap, abs=1e-12)
+    assert m.triplet_agreement == pytest.approx(agreement, abs=1e-12)
+    assert m.spearman == pytest.approx(rho, abs=1e-12)
+
+
+def test_block_size_does_not_change_the_result():
+    s, t = torch.randn(101, 8), torch.randn(101, 4)
+    results = {coherence_metrics(s, t, block_rows=b) for b in (1, 13, 101, 500)}
+    assert len(results) == 1
+
+
+@pytest.mark.parametrize(
+    "increasing_map",
+    [lambda d: 3.7 * d, lambda d: d**3, torch.exp, lambda d: torch.log1p(d) + 5.0],
+    ids=["scale", "power", "exp", "log"],
+)
+def test_exactly_invariant_to_increasing_maps(increasing_map):
+    s = pairwise_dissimilarity(torch.randn(40, 6, dtype=torch.float64))
+    t = pairwise_dissimilarity(torch.randn(40, 9, dtype=torch.float64))
+    base = coherence_metrics_from_dissimilarities(s, t)
+    assert coherence_metrics_from_dissimilarities(increasing_map(s), t) == base
+    assert coherence_metrics_from_dissimilarities(s, increasing_map(t)) == base
+    assert base.triplet_agreement < 0.9  # a non-trivial case
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_rotated_rescaled_copy_is_perfectly_coherent(metric):
+    teacher = torch.randn(200, 16, dtype=torch.float64)
+    student = 0.01 * teacher @ random_rotation(16)
+    m = coherence_metrics(student, teacher, metric)
+    assert m.rank_gap == pytest.approx(0.0, abs=1e-12)
+    assert m.triplet_agreement == pytest.approx(1.0, abs=1e-12)
+    assert m.spearman == pytest.approx(1.0, abs=1e-12)
+
+
+def test_reversed_orderings_agree_nowhere():
+    t = pairwise_dissimilarity(torch.randn(60, 4, dtype=torch.float64))
+    reversed_ = t.max() + 1.0 - t  # strictly decreasing in t: every ordering reversed
+    m = coherence_metrics_from_dissimilarities(reversed_, t)
+    assert m.triplet_agreement == pytest.approx(0.0, abs=1e-12)
+    assert m.spearman == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_random_student_agrees_half_the_time():
+    m = coherence_metrics(torch.randn(400, 32), torch.randn(400, 32))
+    assert m.triplet_agreement == pytest.approx(0.5, abs=0.02)
+    assert m.spearman == pytest.approx(0.0, abs=0.03)
+    assert m.rank_gap == pytest.approx(1 / 3, abs=0.02)  # E|U - V| for independent uniforms
+
+
+def test_metric_names_are_the_logged_ones():
+    m = coherence_metrics(torch.randn(10, 3), torch.randn(10, 3))
+    assert set(m.as_dict()) == {"pc_rank_gap", "pc_triplet_agreement", "pc_spearman"}
+
+
+@pytest.mark.parametrize(
+    ("s", "t", "message"),
+    [
+        (torch.randn(5, 5), torch.randn(4, 4), "square matrices of one size"),
+        (torch.randn(2, 2), torch.randn(2, 2), "at least 3"),
+    ],
+)
+def test_bad_dissimilarities_raise(s, t, message):
+    with pytest.raises(ValueError, match=message):
+        coherence_metrics_from_dissimilarities(s, t)
+
+
+@pytest.mark.slow
+def test_ten_thousand_embeddings_in_bounded_memory():
+    n = 10_000
+    teacher = torch.randn(n, 64)
+    student = (teacher @ random_rotation(64, torch.float32))[:, :48] + 0.1 * torch.randn(n, 48)
+    with peak_memory() as peak:
+        m = coherence_metrics(student, teacher, block_rows=256)
+    # One N×N float64 matrix is 800 MB, an N×N×N tensor 8 TB: blocks must stay far below.
+    assert peak.bytes < 600 * 2**20
+    assert 0.9 < m.triplet_agreement < 1.0
+    assert 0.0 < m.rank_gap < 0.1
