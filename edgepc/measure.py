@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import multiprocessing
+import multiprocessing.connection
 import re
 import statistics
 import time
@@ -14,6 +19,19 @@ import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@functools.cache
+def _map_allocations_separately() -> None:
+    """Make glibc give every allocation >= 64 KiB its own mapping, returned on free.
+
+    Otherwise freed blocks stay in the heap, a later block reuses resident pages and the RSS
+    peak undercounts it. Process-wide and permanent; it slows later allocations a little.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) != 1:
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: CPU peak memory would be wrong")
 
 
 def _status_kib(field: str) -> int:
@@ -36,7 +54,9 @@ def peak_memory(device: torch.device | str = "cpu") -> Iterator[PeakMemory]:
 
     CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry. CPU: the process's
     peak resident set (VmHWM, reset through /proc/self/clear_refs) above the RSS at entry, so
-    it needs Linux and counts every allocation of the process, torch's or not.
+    it needs Linux with glibc and counts every allocation of the process, torch's or not.
+    Freed heap blocks that a process already holds can hide an allocation from the RSS: for an
+    exact CPU figure use :func:`peak_memory_in_fresh_process`.
     """
     device = torch.device(device)
     result = PeakMemory()
@@ -52,6 +72,58 @@ def peak_memory(device: torch.device | str = "cpu") -> Iterator[PeakMemory]:
     start = _status_kib("VmRSS")
     yield result
     result.bytes = max(0, _status_kib("VmHWM") - start) * 1024
+
+
+def _child(
+    conn: multiprocessing.connection.Connection,
+    prepare: Callable,
+    args: tuple,
+    device: str,
+    warmup: bool,
+) -> None:
+    try:
+        thunk = prepare(*args)
+        if warmup:
+            # One-time set-up (thread pools, lazy kernels) is not the thunk's own cost; blocks
+            # the warm-up frees must not hide later allocations from the RSS.
+            _map_allocations_separately()
+            thunk()
+        with peak_memory(device) as peak:
+            value = thunk()
+        conn.send(("ok", (peak.bytes, value)))
+    except Exception as error:  # reported to the parent, which raises it
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+
+
+def peak_memory_in_fresh_process(
+    prepare: Callable[..., Callable[[], object]],
+    args: tuple = (),
+    device: str = "cpu",
+    warmup: bool = True,
+) -> tuple[int, object]:
+    """Peak extra bytes of ``prepare(*args)()`` on ``device`` measured in a new process, and
+    what the call returned (it must pickle).
+
+    ``prepare`` must be importable (module level): it builds the inputs and returns the thunk
+    whose peak is measured. With ``warmup`` it is called once before, and the process maps
+    every allocation >= 64 KiB separately so freed blocks leave the RSS: the CPU figure is
+    exact, but allocation-heavy code runs slower. Without, the figure also holds one-time
+    set-up (a few MiB): an upper bound.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(child, prepare, args, device, warmup))
+    process.start()
+    child.close()
+    try:
+        status, value = parent.recv()
+    except EOFError:
+        status, value = "error", f"the process died (exit code {process.exitcode}): out of memory?"
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"memory probe of {prepare.__name__}{args} failed: {value}")
+    peak_bytes, returned = value
+    return int(peak_bytes), returned
 
 
 def median_seconds(

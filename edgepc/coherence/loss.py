@@ -58,6 +58,11 @@ def _check_square(*mats: Tensor) -> int:
     return b
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it already is: half precision is too coarse for ranks."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _off_diagonal_mean(d: Tensor) -> Tensor:
     b = d.shape[0]
     return (d.sum() - d.diagonal().sum()) / (b * (b - 1))
@@ -102,7 +107,7 @@ class _SoftRankLoss(torch.autograd.Function):
         for start in range(0, b, ctx.chunk_rows):
             rows = slice(start, min(start + ctx.chunk_rows, b))
             w = soft_rank_terms(a, rows)
-            w.mul_(1.0 - w)
+            w.addcmul_(w, w, value=-1.0)  # σ(1 - σ) in place
             g_rows = g[rows]
             grad[rows] = g_rows * w.sum(2) - torch.bmm(g_rows[:, None, :], w)[:, 0, :]
         return grad * (grad_out / (b - 2)), None, None, None
@@ -128,12 +133,12 @@ def pc_loss_from_dissimilarities(
     """L_PC from a student (B×B, with grad) and teacher (B×B) dissimilarity matrix.
 
     Memory-bounded: peak extra memory O(B²) in forward and backward (``chunk_rows`` anchors at
-    a time, default ~2^24 elements per block).
+    a time, default ~2^22 elements, 16 MiB in float32, per block).
     """
     _check_options(tau, penalty, teacher_ranks)
     b = _check_square(s_dis, t_dis)
-    target = teacher_ranks_of(t_dis.float(), tau, teacher_ranks)
-    a = scaled_with_sentinel(normalise_by_mean(s_dis.float()), tau)
+    target = teacher_ranks_of(at_least_float32(t_dis), tau, teacher_ranks)
+    a = scaled_with_sentinel(normalise_by_mean(at_least_float32(s_dis)), tau)
     return _SoftRankLoss.apply(a, target, penalty, chunk_rows or default_chunk_rows(b))
 
 
@@ -149,12 +154,12 @@ def pc_loss_reference_from_dissimilarities(
     _check_options(tau, penalty, teacher_ranks)
     b = _check_square(s_dis, t_dis)
     with torch.no_grad():
-        t_dis = t_dis.float()
+        t_dis = at_least_float32(t_dis)
         if teacher_ranks == "hard":
             target = hard_ranks_reference(t_dis)
         else:
             target = soft_ranks_reference(normalise_by_mean(t_dis), tau)
-    ranks = soft_ranks_reference(normalise_by_mean(s_dis.float()), tau)
+    ranks = soft_ranks_reference(normalise_by_mean(at_least_float32(s_dis)), tau)
     diff = ranks - target
     per_pair = diff.square() if penalty == "square" else diff.abs()
     off = ~torch.eye(b, dtype=torch.bool, device=s_dis.device)
@@ -167,8 +172,8 @@ def _feature_dissimilarities(
     check_dissimilarity(dissimilarity)
     check_features(student, teacher)
     with torch.no_grad():
-        t_dis = pairwise_dissimilarity(teacher.detach().float(), metric=dissimilarity)
-    return pairwise_dissimilarity(student.float(), metric=dissimilarity), t_dis
+        t_dis = pairwise_dissimilarity(at_least_float32(teacher.detach()), metric=dissimilarity)
+    return pairwise_dissimilarity(at_least_float32(student), metric=dissimilarity), t_dis
 
 
 def perception_coherence_loss(
@@ -183,7 +188,8 @@ def perception_coherence_loss(
 ) -> Tensor:
     """L_PC between student (B, d_S) and teacher (B, d_T) features; d_S and d_T may differ.
 
-    Class-unaware (no labels), memory-bounded, computed in float32 even under autocast.
+    Class-unaware (no labels), memory-bounded, computed in float32 (float64 for float64 inputs)
+    even under autocast.
     """
     with torch.autocast(student.device.type, enabled=False):
         s_dis, t_dis = _feature_dissimilarities(student, teacher, dissimilarity)

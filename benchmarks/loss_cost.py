@@ -1,0 +1,256 @@
+"""Forward+backward time and peak memory of the transfer losses, by batch size.
+
+    python benchmarks/loss_cost.py            # full: B = 64 … 1024 (2048 for pc), CPU (+ CUDA)
+    python benchmarks/loss_cost.py --quick    # B = 64, 128, 256: about a minute on 2 cores
+
+Each time is the median of several runs in this process; each memory figure is measured (the
+process's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA) above the level before the
+call. Writes benchmarks/results/loss_cost[_cuda].json and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from edgepc import __version__
+from edgepc.coherence import perception_coherence_loss, perception_coherence_loss_reference
+from edgepc.distill.losses.pkt import pkt_loss
+from edgepc.distill.losses.rkd_angle import rkd_angle_loss
+from edgepc.distill.losses.rkd_distance import rkd_distance_loss
+from edgepc.distill.losses.sp import sp_loss
+from edgepc.measure import median_seconds, peak_memory, peak_memory_in_fresh_process
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "pc": perception_coherence_loss,
+    "pc_reference": perception_coherence_loss_reference,
+    "rkd_angle": rkd_angle_loss,
+    "rkd_distance": rkd_distance_loss,
+    "pkt": pkt_loss,
+    "sp": sp_loss,
+}
+# Bytes per B³ that the O(B³)-memory losses hold at their peak (measured on CPU, rounded up):
+# a point is skipped, not attempted, when it would not fit in the memory available.
+CUBIC_BYTES = {"pc_reference": 14, "rkd_angle": 25}
+DIM_TEACHER, DIM_STUDENT = 512, 128
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Point:
+    loss: str
+    batch: int
+    seconds: float | None = None
+    peak_mib: float | None = None
+    skipped: str | None = None
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation can use now on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def prepared_step(name: str, batch: int, device: str) -> Callable[[], None]:
+    """Seeded inputs for one point and the forward + backward to measure on them."""
+    gen = torch.Generator().manual_seed(batch)
+    student = torch.randn(batch, DIM_STUDENT, generator=gen).to(device).requires_grad_()
+    teacher = torch.randn(batch, DIM_TEACHER, generator=gen).to(device)
+
+    def step() -> None:
+        student.grad = None
+        LOSSES[name](student, teacher).backward()
+
+    return step
+
+
+def skip_reason(name: str, batch: int, device: torch.device) -> str | None:
+    need = CUBIC_BYTES.get(name, 0) * batch**3
+    return f"needs ~{need / 2**30:.0f} GiB" if need > 0.8 * available_bytes(device) else None
+
+
+def measure(points: list[Point], device: torch.device, repeats: int) -> None:
+    """Fill in every point: the median time, then the peak memory of one more step (on CPU in
+    a fresh process, where the RSS peak is exact)."""
+    for p in (bar := tqdm(points, desc=f"loss cost ({device.type})", unit="pt")):
+        bar.set_postfix_str(f"{p.loss} B={p.batch}")
+        p.skipped = skip_reason(p.loss, p.batch, device)
+        if p.skipped:
+            continue
+        runs = repeats if p.batch < 1024 else min(repeats, 3)
+        thunk = prepared_step(p.loss, p.batch, device.type)
+        p.seconds = median_seconds(thunk, runs, warmup=1, device=device)
+        if device.type == "cuda":  # the CUDA allocator's own peak is exact in-process
+            with peak_memory(device) as peak:
+                thunk()
+            p.peak_mib = peak.bytes / 2**20
+            continue
+        del thunk  # frees the inputs before the probe process allocates its own
+        args = (p.loss, p.batch, device.type)
+        peak_bytes, _ = peak_memory_in_fresh_process(prepared_step, args, device.type)
+        p.peak_mib = peak_bytes / 2**20
+
+
+def plan(quick: bool) -> list[Point]:
+    """The points to measure, in order."""
+    sizes = [64, 128, 256] if quick else [64, 128, 256, 512, 1024]
+    points = [Point(name, b) for b in sizes for name in LOSSES]
+    return points if quick else [*points, Point("pc", 2048)]
+
+
+def lookup(points: list[Point], loss: str, batch: int) -> Point | None:
+    return next((p for p in points if p.loss == loss and p.batch == batch), None)
+
+
+def targets(points: list[Point]) -> list[dict[str, object]]:
+    """The issue's targets as ratios measured in this run (None where a point is missing)."""
+    rows: list[dict[str, object]] = []
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    pc, ref = lookup(points, "pc", 1024), lookup(points, "pc_reference", 1024)
+    if pc and ref:
+        mem = ratio(pc.peak_mib, ref.peak_mib)
+        rows.append(
+            {
+                "target": "pc peak memory / reference at B=1024",
+                "limit": "<= 0.125",
+                "value": mem,
+                "met": mem is not None and mem <= 0.125,
+            }
+        )
+        time = ratio(pc.seconds, ref.seconds)
+        rows.append(
+            {
+                "target": "pc time / reference at B=1024",
+                "limit": "<= 1.5",
+                "value": time,
+                "met": time is not None and time <= 1.5,
+            }
+        )
+    pc256, angle256 = lookup(points, "pc", 256), lookup(points, "rkd_angle", 256)
+    if pc256 and angle256:
+        time = ratio(pc256.seconds, angle256.seconds)
+        rows.append(
+            {
+                "target": "pc time / rkd_angle at B=256",
+                "limit": "<= 1.0",
+                "value": time,
+                "met": time is not None and time <= 1.0,
+            }
+        )
+    big = lookup(points, "pc", 2048)
+    if big:
+        rows.append(
+            {
+                "target": "pc runs at B=2048",
+                "limit": "runs",
+                "value": big.peak_mib,
+                "met": big.seconds is not None,
+            }
+        )
+    return rows
+
+
+def markdown(report: dict) -> str:
+    points = [Point(**p) for p in report["points"]]
+    sizes = sorted({p.batch for p in points})
+    lines = [
+        f"# Loss cost on {report['device_name']}",
+        "",
+        f"{report['when']} · torch {report['torch']} · {report['threads']} threads · "
+        f"d_S = {DIM_STUDENT}, d_T = {DIM_TEACHER} · median of {report['repeats']} runs · "
+        f"`{report['command']}`",
+        "",
+        "Forward + backward: milliseconds / peak extra MiB.",
+        "",
+        "| loss | " + " | ".join(f"B={b}" for b in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for name in LOSSES:
+        cells = []
+        for b in sizes:
+            p = lookup(points, name, b)
+            if p is None:
+                cells.append("")
+            elif p.skipped:
+                cells.append(f"skipped ({p.skipped})")
+            else:
+                cells.append(f"{1000 * p.seconds:.1f} ms / {p.peak_mib:.0f} MiB")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| target | limit | measured | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"| {t['target']} | {t['limit']} | {value} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(device: torch.device, quick: bool, repeats: int, out_dir: Path) -> dict:
+    if device.type == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    points = plan(quick)
+    measure(points, device, repeats)
+    report = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "edgepc": __version__,
+        "torch": torch.__version__,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()}",
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "quick": quick,
+        "points": [asdict(p) for p in points],
+    }
+    report["targets"] = targets(points)
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
+    stem = f"loss_cost{suffix}{'_quick' if quick else ''}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B = 64, 128, 256 only")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: CPU, then CUDA too when present",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
+    for name in devices:
+        if name == "cuda" and not torch.cuda.is_available():
+            continue
+        report = run(torch.device(name), args.quick, args.repeats, args.out)
+        print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
