@@ -88,7 +88,7 @@ def soft_ranks(d: Tensor, tau: float, chunk_rows: int | None = None) -> Tensor:
     """
     b = d.shape[0]
     a = scaled_with_sentinel(d, tau)
-    step = chunk_rows or default_chunk_rows(b)
+    step = chunk_rows or default_chunk_rows(b, d.device)
     out = torch.empty_like(a)
     for start in range(0, b, step):
         rows = slice(start, min(start + step, b))
@@ -120,6 +120,12 @@ def hard_ranks_reference(d: Tensor) -> Tensor:
     return (step * keep).sum(2) / (b - 2)
 
 
-def default_chunk_rows(batch: int, budget: int = 1 << 22) -> int:
-    """Anchors per chunk so that one (chunk, B, B) block holds about ``budget`` elements."""
+# Elements of one (chunk, B, B) block. CPU: 16 MiB blocks ran fastest on 2 cores (cache);
+# CUDA: 256 MiB blocks keep kernel launches few while memory stays O(B²).
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+def default_chunk_rows(batch: int, device: torch.device) -> int:
+    """Anchors per chunk so that one (chunk, B, B) block holds about CHUNK_ELEMENTS[device]."""
+    budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
     return max(1, budget // (batch * batch))
