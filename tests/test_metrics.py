@@ -116,6 +116,7 @@ def test_metric_names_are_the_logged_ones():
     [
         (torch.randn(5, 5), torch.randn(4, 4), "square matrices of one size"),
         (torch.randn(2, 2), torch.randn(2, 2), "at least 3"),
+        (torch.full((4, 4), float("nan")), torch.rand(4, 4), "NaN or Inf"),
     ],
 )
 def test_bad_dissimilarities_raise(s, t, message):

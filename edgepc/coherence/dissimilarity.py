@@ -34,6 +34,20 @@ def check_features(*features: Tensor, min_batch: int = 3) -> None:
             raise ValueError("features contain NaN or Inf: check the model's output and the loss")
 
 
+def check_dissimilarity_matrices(student: Tensor, teacher: Tensor) -> int:
+    """Raise a ValueError unless both are finite square matrices of one size >= 3; return it."""
+    if student.shape != teacher.shape or student.ndim != 2 or student.shape[0] != student.shape[1]:
+        raise ValueError(
+            "dissimilarities must be two square matrices of one size, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.shape[0] < 3:
+        raise ValueError(f"batch size {student.shape[0]} < 3: ranking needs at least 3 inputs")
+    if not (bool(torch.isfinite(student).all()) and bool(torch.isfinite(teacher).all())):
+        raise ValueError("dissimilarities contain NaN or Inf: check the features they came from")
+    return student.shape[0]
+
+
 def pairwise_dissimilarity(x: Tensor, y: Tensor | None = None, metric: str = "euclidean") -> Tensor:
     """Dissimilarities between every row of ``x`` (n, d) and every row of ``y`` (m, d) -> (n, m).
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from edgepc.coherence.dissimilarity import (
     check_dissimilarity,
+    check_dissimilarity_matrices,
     check_features,
     pairwise_dissimilarity,
 )
@@ -46,16 +47,6 @@ def _check_options(tau: float, penalty: str, teacher_ranks: str) -> None:
         raise ValueError(
             f"unknown teacher_ranks {teacher_ranks!r}: choose one of {', '.join(TEACHER_RANKS)}"
         )
-
-
-def _check_square(*mats: Tensor) -> int:
-    shapes = {tuple(m.shape) for m in mats}
-    if len(shapes) != 1 or any(m.ndim != 2 or m.shape[0] != m.shape[1] for m in mats):
-        raise ValueError(f"dissimilarities must be two square matrices of one size, got {shapes}")
-    b = mats[0].shape[0]
-    if b < 3:
-        raise ValueError(f"batch size {b} < 3: ranking needs at least 3 inputs")
-    return b
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -136,7 +127,7 @@ def pc_loss_from_dissimilarities(
     a time; by default blocks of 2^22 elements on CPU, 2^26 on CUDA).
     """
     _check_options(tau, penalty, teacher_ranks)
-    b = _check_square(s_dis, t_dis)
+    b = check_dissimilarity_matrices(s_dis, t_dis)
     target = teacher_ranks_of(at_least_float32(t_dis), tau, teacher_ranks)
     a = scaled_with_sentinel(normalise_by_mean(at_least_float32(s_dis)), tau)
     return _SoftRankLoss.apply(
@@ -154,7 +145,7 @@ def pc_loss_reference_from_dissimilarities(
 ) -> Tensor:
     """The same loss written plainly with B×B×B tensors and autograd: the tests' reference."""
     _check_options(tau, penalty, teacher_ranks)
-    b = _check_square(s_dis, t_dis)
+    b = check_dissimilarity_matrices(s_dis, t_dis)
     with torch.no_grad():
         t_dis = at_least_float32(t_dis)
         if teacher_ranks == "hard":

@@ -16,10 +16,11 @@ from torch import Tensor
 
 from edgepc.coherence.dissimilarity import (
     check_dissimilarity,
+    check_dissimilarity_matrices,
     check_features,
     pairwise_dissimilarity,
 )
-from edgepc.coherence.ranks import drop_self, midranks, run_starts
+from edgepc.coherence.ranks import drop_self, midranks, run_start_mask, run_starts
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def count_inversions(x: Tensor) -> Tensor:
         inversions += (width - left_upto_right).sum((1, 2))
         right_below_left = torch.searchsorted(right, left, side="left")
         offsets = torch.arange(width, device=x.device)
-        merged = torch.empty_like(pairs.reshape(rows, size // (2 * width), 2 * width))
+        merged = torch.empty_like(run).view(rows, size // (2 * width), 2 * width)
         merged.scatter_(2, offsets + right_below_left, left)
         merged.scatter_(2, offsets + left_upto_right, right)
         run = merged.view(rows, size)
@@ -72,14 +73,6 @@ def _tied_pairs(new_run: Tensor) -> Tensor:
     return (position - run_starts(new_run)).sum(1)
 
 
-def _starts(*sorted_keys: Tensor) -> Tensor:
-    change = torch.zeros_like(sorted_keys[0], dtype=torch.bool)
-    change[:, 0] = True
-    for key in sorted_keys:
-        change[:, 1:] |= key[:, 1:] != key[:, :-1]
-    return change
-
-
 def agreeing_pairs(a: Tensor, b: Tensor) -> Tensor:
     """Per row, pairs (j, k) with sign(a_j - a_k) = sign(b_j - b_k), ties included (Knight).
 
@@ -89,9 +82,9 @@ def agreeing_pairs(a: Tensor, b: Tensor) -> Tensor:
     order = by_b.gather(1, a.gather(1, by_b).argsort(dim=1, stable=True))
     a_sorted, b_sorted = a.gather(1, order), b.gather(1, order)
     discordant = count_inversions(b_sorted)
-    tied_a = _tied_pairs(_starts(a_sorted))
-    tied_b = _tied_pairs(_starts(b.gather(1, by_b)))
-    tied_both = _tied_pairs(_starts(a_sorted, b_sorted))
+    tied_a = _tied_pairs(run_start_mask(a_sorted))
+    tied_b = _tied_pairs(run_start_mask(b.gather(1, by_b)))
+    tied_both = _tied_pairs(run_start_mask(a_sorted, b_sorted))
     n = a.shape[1]
     return n * (n - 1) // 2 - discordant - tied_a - tied_b + 2 * tied_both
 
@@ -137,13 +130,7 @@ def coherence_metrics_from_dissimilarities(
     s_dis: Tensor, t_dis: Tensor, block_rows: int = 256
 ) -> CoherenceMetrics:
     """pc_* metrics from full N×N student and teacher dissimilarity matrices (diagonal ignored)."""
-    if s_dis.shape != t_dis.shape or s_dis.ndim != 2 or s_dis.shape[0] != s_dis.shape[1]:
-        raise ValueError(
-            f"need two square matrices of one size, got {tuple(s_dis.shape)} and "
-            f"{tuple(t_dis.shape)}"
-        )
-    if s_dis.shape[0] < 3:
-        raise ValueError(f"{s_dis.shape[0]} inputs < 3: ranking needs at least 3")
+    check_dissimilarity_matrices(s_dis, t_dis)
     return _accumulate(
         lambda rows: (s_dis[rows.to(s_dis.device)], t_dis[rows.to(t_dis.device)]),
         s_dis.shape[0],

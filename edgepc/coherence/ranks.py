@@ -15,20 +15,28 @@ from torch import Tensor
 _SENTINEL_MARGIN = 200.0
 
 
-def default_anchors(d: Tensor) -> Tensor:
-    """Column index of each row's own entry when ``d`` is a square matrix."""
-    return torch.arange(d.shape[0], device=d.device)
+def _other_columns(d: Tensor, anchors: Tensor) -> Tensor:
+    """Index (n, N-1) of every column of row r except its own, ``anchors[r]``."""
+    cols = torch.arange(d.shape[1] - 1, device=d.device).expand(d.shape[0], -1)
+    return cols + (cols >= anchors[:, None])
 
 
 def drop_self(d: Tensor, anchors: Tensor) -> Tensor:
     """Rows of ``d`` (n, N) without each row's own column ``anchors[r]`` -> (n, N-1)."""
-    cols = torch.arange(d.shape[1] - 1, device=d.device).expand(d.shape[0], -1)
-    return d.gather(1, cols + (cols >= anchors[:, None]))
+    return d.gather(1, _other_columns(d, anchors))
+
+
+def run_start_mask(*sorted_keys: Tensor) -> Tensor:
+    """(rows, n) mask of where a new run of equal values begins in rows sorted by the keys."""
+    new_run = torch.zeros_like(sorted_keys[0], dtype=torch.bool)
+    new_run[:, 0] = True
+    for key in sorted_keys:
+        new_run[:, 1:] |= key[:, 1:] != key[:, :-1]
+    return new_run
 
 
 def run_starts(new_run: Tensor) -> Tensor:
-    """For a (rows, n) mask marking where each run of equal sorted values begins, the
-    position of the first element of the run each element belongs to."""
+    """The position where the run of each element begins, from :func:`run_start_mask`."""
     position = torch.arange(new_run.shape[-1], device=new_run.device).expand_as(new_run)
     return torch.where(new_run, position, 0).cummax(dim=-1).values
 
@@ -40,8 +48,7 @@ def midranks(x: Tensor) -> Tensor:
     """
     n = x.shape[-1]
     ordered, order = x.sort(dim=-1)
-    new_run = torch.ones_like(x, dtype=torch.bool)
-    new_run[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    new_run = run_start_mask(ordered)
     first = run_starts(new_run)
     # The last position of a run, read from the right: run starts of the reversed sequence.
     run_end = torch.ones_like(new_run)
@@ -57,12 +64,10 @@ def hard_ranks(d: Tensor, anchors: Tensor | None = None) -> Tensor:
     ``d`` is (n, N): row r holds the dissimilarities of anchor ``anchors[r]`` to all N inputs
     (default: the square case, anchor r is column r). O(n·N log N) by sorting.
     """
-    anchors = default_anchors(d) if anchors is None else anchors
-    n_total = d.shape[1]
-    ranks = midranks(drop_self(d, anchors)) / (n_total - 2)
-    out = torch.zeros_like(d, dtype=ranks.dtype)
-    cols = torch.arange(n_total - 1, device=d.device).expand(d.shape[0], -1)
-    return out.scatter_(1, cols + (cols >= anchors[:, None]), ranks)
+    anchors = torch.arange(d.shape[0], device=d.device) if anchors is None else anchors
+    others = _other_columns(d, anchors)
+    ranks = midranks(d.gather(1, others)) / (d.shape[1] - 2)
+    return torch.zeros_like(d, dtype=ranks.dtype).scatter_(1, others, ranks)
 
 
 def scaled_with_sentinel(d: Tensor, tau: float) -> Tensor:
