@@ -1,0 +1,140 @@
+"""The teacher and student zoo: every model takes 1 or 3 input channels and small images, and
+names the module whose output is its embedding (the layer the coherence loss reads)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from edgepc.errors import ModelError
+from edgepc.models.taps import EmbeddingModel
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+def resnet18(num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision ResNet-18 with the small-image stem: 3×3 stride-1 conv, no max-pool."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = _conv3x3(in_channels, 64)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation basic block of a wide ResNet (Zagoruyko & Komodakis, 2016)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv3x3(cin, cout, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), _conv3x3(cout, cout)
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv2(torch.relu(self.bn2(self.conv1(out))))
+        return out + skip
+
+
+class WideResNet(nn.Module):
+    """CIFAR-style WRN-depth-width: three groups of pre-activation blocks, 16·k/32·k/64·k wide."""
+
+    def __init__(self, num_classes: int, in_channels: int, depth: int = 16, width: int = 4):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ModelError(f"wide ResNet depth must be 6n + 4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        layers: list[nn.Module] = [_conv3x3(in_channels, widths[0])]
+        for group, stride in zip(range(3), (1, 2, 2), strict=True):
+            for i in range(n):
+                cin = widths[group] if i == 0 else widths[group + 1]
+                layers.append(_WideBlock(cin, widths[group + 1], stride if i == 0 else 1))
+        self.features = nn.Sequential(*layers, nn.BatchNorm2d(widths[3]), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def mobilenet_v2(num_classes: int, in_channels: int, width: float) -> nn.Module:
+    """torchvision MobileNetV2 at ``width``, first conv stride 1 for 28-32 px images."""
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
+    first = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, 1, 1, bias=False)
+    return model
+
+
+def shufflenet_v2_x0_5(num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision ShuffleNetV2 0.5× with a stride-1 stem and no max-pool."""
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=num_classes)
+    model.conv1[0] = _conv3x3(in_channels, model.conv1[0].out_channels)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class TinyCNN(nn.Module):
+    """Three conv blocks, global pooling and a 32-wide embedding: the smallest student."""
+
+    def __init__(self, num_classes: int, in_channels: int, embedding_dim: int = 32):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for cin, cout in ((in_channels, 16), (16, 32), (32, 64)):
+            blocks += [_conv3x3(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*blocks)
+        self.embed = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, embedding_dim), nn.ReLU()
+        )
+        self.classifier = nn.Linear(embedding_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(self.features(x)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[int, int], nn.Module]
+    embedding_path: str
+    role: str  # "teacher" or "student"
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet18": ModelSpec(resnet18, "avgpool", "teacher"),
+    "wrn16_4": ModelSpec(lambda n, c: WideResNet(n, c, 16, 4), "pool", "teacher"),
+    "mobilenetv2_1.0": ModelSpec(lambda n, c: mobilenet_v2(n, c, 1.0), "features", "student"),
+    "mobilenetv2_0.5": ModelSpec(lambda n, c: mobilenet_v2(n, c, 0.5), "features", "student"),
+    "shufflenetv2_0.5": ModelSpec(shufflenet_v2_x0_5, "conv5", "student"),
+    "tiny_cnn": ModelSpec(TinyCNN, "embed", "student"),
+}
+
+
+def build_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 1,
+    embedding_path: str | None = None,
+) -> EmbeddingModel:
+    """Model ``name`` wrapped so that ``forward(x) -> (logits, embedding)``.
+
+    ``embedding_path`` overrides the zoo's default feature layer.
+    """
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ModelError(f"unknown model {name!r}{hint}: choose one of {', '.join(MODELS)}")
+    if in_channels not in (1, 3):
+        raise ModelError(f"in_channels must be 1 or 3, got {in_channels}")
+    spec = MODELS[name]
+    return EmbeddingModel(
+        spec.build(num_classes, in_channels), embedding_path or spec.embedding_path
+    )
