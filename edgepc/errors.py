@@ -11,3 +11,7 @@ class DatasetError(EdgepcError):
 
 class ModelError(EdgepcError):
     """A model name, feature path or checkpoint is wrong."""
+
+
+class TrainingError(EdgepcError):
+    """Training cannot go on (a non-finite loss, an unusable checkpoint)."""

@@ -1,0 +1,254 @@
+"""Training a teacher (labels only) or distilling a student: α·CE + β·L_PC + Σ w·baseline.
+
+The teacher runs in eval mode without gradient; its logits and embeddings are computed once and
+reused every epoch when the data is not augmented. Each epoch ends in a checkpoint written
+atomically; a rerun with the same checkpoint path resumes after the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from edgepc.coherence import PerceptionCoherenceLoss
+from edgepc.distill.evaluate import predict
+from edgepc.distill.images import Normalisation, augment
+from edgepc.distill.losses import build_loss, loss_class
+from edgepc.errors import TrainingError
+from edgepc.models import EmbeddingModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; α = 1, β = 0 and no baselines trains on labels alone (a teacher)."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "sgd"] = "adam"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    alpha: float = 1.0
+    beta: float = 0.0
+    pc: dict[str, object] = field(default_factory=dict)
+    baselines: dict[str, dict[str, object]] = field(default_factory=dict)
+    augment: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """The teacher's logits and embeddings for each training image (same order)."""
+
+    logits: Tensor
+    embeddings: Tensor
+
+
+def teacher_targets(
+    teacher: EmbeddingModel, images: Tensor, norm: Normalisation, device: torch.device
+) -> TeacherTargets:
+    """Run the teacher once over ``images`` (no gradient, eval mode)."""
+    logits, embeddings = predict(teacher, images, norm, device)
+    return TeacherTargets(logits, embeddings)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save through a temporary file, fsync and rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`train` (tensors and plain data only: weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise TrainingError(
+            f"checkpoint {path} is unreadable ({type(error).__name__}): delete it to start over"
+        ) from None
+
+
+class _Objective(nn.Module):
+    """The weighted sum of the configured losses (holds the trainable ones, e.g. FitNet's)."""
+
+    def __init__(self, config: TrainConfig, student_dim: int, teacher_dim: int | None) -> None:
+        super().__init__()
+        self.alpha, self.beta = config.alpha, config.beta
+        self.pc = PerceptionCoherenceLoss(**config.pc) if config.beta else None
+        self.weights: dict[str, float] = {}
+        self.baselines = nn.ModuleDict()
+        for name, options in config.baselines.items():
+            options = dict(options)
+            self.weights[name] = float(options.pop("weight", 1.0))
+            loss = build_loss(name, **self._dims(name, options, student_dim, teacher_dim))
+            self.baselines[name] = loss
+        if (self.pc is not None or self.baselines) and teacher_dim is None:
+            raise TrainingError("a distillation loss is configured but no teacher is given")
+
+    @staticmethod
+    def _dims(name: str, options: dict, student_dim: int, teacher_dim: int | None) -> dict:
+        accepted = inspect.signature(loss_class(name)).parameters
+        filled = {"student_dim": student_dim, "teacher_dim": teacher_dim}
+        return {k: v for k, v in filled.items() if k in accepted} | options
+
+    def forward(
+        self,
+        logits: Tensor,
+        embeddings: Tensor,
+        labels: Tensor,
+        teacher: TeacherTargets | None,
+    ) -> dict[str, Tensor]:
+        parts: dict[str, Tensor] = {}
+        if self.alpha:
+            parts["ce"] = self.alpha * F.cross_entropy(logits.float(), labels)
+        if self.pc is not None:
+            parts["pc"] = self.beta * self.pc(embeddings, teacher.embeddings)
+        for name, loss in self.baselines.items():
+            if loss.inputs == "logits":
+                value = loss(logits.float(), teacher.logits)
+            else:
+                value = loss(embeddings.float(), teacher.embeddings)
+            parts[name] = self.weights[name] * value
+        return parts
+
+
+def train(
+    model: EmbeddingModel,
+    images: Tensor,
+    labels: Tensor,
+    norm: Normalisation,
+    config: TrainConfig,
+    device: torch.device,
+    teacher: EmbeddingModel | None = None,
+    cached: TeacherTargets | None = None,
+    checkpoint: Path | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train ``model`` on uint8 ``images`` and ``labels``; returns the per-epoch history.
+
+    A teacher comes either as ``cached`` outputs (no augmentation) or as a model run on each
+    (augmented) batch. ``on_epoch(epoch, metrics)`` is called after each finished epoch.
+    """
+    if config.augment and cached is not None:
+        raise TrainingError("cached teacher outputs cannot be used with augmentation")
+    if teacher is not None and cached is None and not config.augment:
+        cached = teacher_targets(teacher, images, norm, device)
+    model.to(device).eval()
+    with torch.no_grad():
+        probe = model(norm.apply(images[:2].to(device)))[1]
+    model.train()
+    teacher_dim = None
+    if cached is not None:
+        teacher_dim = cached.embeddings.shape[1]
+    elif teacher is not None:
+        teacher_dim = predict(teacher, images[:2], norm, device)[1].shape[1]
+    objective = _Objective(config, probe.shape[1], teacher_dim).to(device)
+    params = [*model.parameters(), *objective.parameters()]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # A last batch of fewer than 3 images is dropped: ranking needs 3, batch norm 2.
+    steps_per_epoch = len(images) // config.batch_size + (len(images) % config.batch_size >= 3)
+    total = max(1, config.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        (lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+        if config.schedule == "cosine"
+        else (lambda step: 1.0),
+    )
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start_epoch = state["history"], state["epoch"]
+    use_amp = device.type == "cuda"
+    for epoch in range(start_epoch, config.epochs):
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(len(images), generator=gen)
+        sums: dict[str, float] = {}
+        seen, started = 0, time.perf_counter()
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            batch = images[idx]
+            if config.augment:
+                batch = augment(batch, gen)
+            x = norm.apply(batch.to(device, non_blocking=True))
+            y = labels[idx].to(device, non_blocking=True)
+            targets = None
+            if cached is not None:
+                targets = TeacherTargets(
+                    cached.logits[idx].to(device), cached.embeddings[idx].to(device)
+                )
+            elif teacher is not None:
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+                    t_logits, t_emb = teacher.eval()(x)
+                targets = TeacherTargets(t_logits.float(), t_emb.float())
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+                logits, embeddings = model(x)
+            parts = objective(logits, embeddings, y, targets)
+            loss = sum(parts.values())
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items())}): "
+                    "lower the learning rate or the loss weights"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(idx)
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * len(idx)
+            rate = seen / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{sum(sums.values()) / seen:.4f}", img_s=f"{rate:.0f}")
+        metrics = {f"loss_{k}": v / seen for k, v in sums.items()}
+        metrics["loss"] = sum(sums.values()) / seen
+        metrics["images_per_s"] = seen / (time.perf_counter() - started)
+        history.append(metrics)
+        if checkpoint is not None:
+            atomic_save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                },
+                checkpoint,
+            )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics)
+    return history

@@ -1,0 +1,149 @@
+"""The trainer on a small real subset of Fashion-MNIST (Debian's dataset-fashion-mnist)."""
+
+import pytest
+import torch
+
+from edgepc.data import channel_stats, load_dataset, make_splits
+from edgepc.distill.evaluate import evaluate_embeddings, knn_top1, predict, top1
+from edgepc.distill.images import Normalisation, augment
+from edgepc.distill.trainer import TrainConfig, atomic_save, load_checkpoint, train
+from edgepc.errors import TrainingError
+from edgepc.models import build_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def subset():
+    d = load_dataset("fashion-mnist", download=False)
+    s = make_splits(d.train_labels, train_limit=1500, seed=0)
+    x, y = d.train_images[s.train], d.train_labels[s.train]
+    val = s.val[:600]
+    norm = Normalisation(*map(tuple, channel_stats(x)))
+    return x, y, d.train_images[val], d.train_labels[val], norm
+
+
+@pytest.fixture(scope="module")
+def teacher(subset):
+    x, y, _, _, norm = subset
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn")
+    train(model, x, y, norm, TrainConfig(epochs=4, lr=3e-3), CPU, progress=False)
+    return model
+
+
+def scores(model, subset, teacher_model=None):
+    x, y, vx, vy, norm = subset
+    logits, emb = predict(model, vx, norm, CPU)
+    bank = predict(model, x, norm, CPU)[1]
+    t_emb = predict(teacher_model, vx, norm, CPU)[1] if teacher_model else None
+    return evaluate_embeddings(logits, emb, vy, bank, y, t_emb)
+
+
+def test_training_on_labels_beats_chance_by_far(subset, teacher):
+    torch.manual_seed(0)
+    untrained = scores(build_model("tiny_cnn"), subset)["top1"]
+    trained = scores(teacher, subset)["top1"]
+    assert untrained < 0.2  # 10 classes: chance is 0.1
+    assert trained > 0.65
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(epochs=2, alpha=0.0, beta=1.0, lr=3e-3),
+        TrainConfig(epochs=2, alpha=0.0, baselines={"fitnet": {"weight": 1.0}}, lr=3e-3),
+        TrainConfig(epochs=1, alpha=1.0, beta=1.0, baselines={"kd": {"weight": 0.5}}),
+    ],
+    ids=["pc-label-free", "fitnet-projector", "ce+pc+kd"],
+)
+def test_distillation_makes_the_student_more_coherent(subset, teacher, config):
+    x, y, _, _, norm = subset
+    torch.manual_seed(1)
+    student = build_model("tiny_cnn")
+    before = scores(student, subset, teacher)
+    history = train(student, x, y, norm, config, CPU, teacher=teacher, progress=False)
+    after = scores(student, subset, teacher)
+    assert after["pc_triplet_agreement"] > before["pc_triplet_agreement"] + 0.1
+    assert after["knn_top1"] > before["knn_top1"]
+    assert len(history) == config.epochs
+    assert history[-1]["loss"] < history[0]["loss"] or config.epochs == 1
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(subset, tmp_path):
+    x, y, _, _, norm = subset
+    x, y = x[:300], y[:300]
+    config = TrainConfig(epochs=3, batch_size=64)
+
+    def fresh():
+        torch.manual_seed(5)
+        return build_model("tiny_cnn")
+
+    straight = fresh()
+    train(straight, x, y, norm, config, CPU, progress=False)
+
+    class CrashError(Exception):
+        pass
+
+    def crash_after_two(epoch, _metrics):
+        if epoch == 2:
+            raise CrashError
+
+    crashed = fresh()
+    with pytest.raises(CrashError):
+        train(crashed, x, y, norm, config, CPU, checkpoint=tmp_path / "ck.pt",
+              on_epoch=crash_after_two, progress=False)  # fmt: skip
+    assert load_checkpoint(tmp_path / "ck.pt")["epoch"] == 2
+    resumed = fresh()  # a new process would start from fresh weights too
+    history = train(resumed, x, y, norm, config, CPU, checkpoint=tmp_path / "ck.pt", progress=False)
+    assert len(history) == 3
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(subset):
+    x, y, _, _, _ = subset
+    broken = Normalisation(mean=(0.5,), std=(0.0,))  # division by zero: inf inputs
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step 1 .*lower the"):
+        train(build_model("tiny_cnn"), x[:64], y[:64], broken, TrainConfig(), CPU, progress=False)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path, subset):
+    x, y, _, _, norm = subset
+    (tmp_path / "ck.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match=r"unreadable.*delete it"):
+        train(build_model("tiny_cnn"), x[:64], y[:64], norm, TrainConfig(), CPU,
+              checkpoint=tmp_path / "ck.pt", progress=False)  # fmt: skip
+
+
+def test_distillation_without_teacher_is_an_error(subset):
+    x, y, _, _, norm = subset
+    with pytest.raises(TrainingError, match="no teacher"):
+        train(build_model("tiny_cnn"), x[:64], y[:64], norm, TrainConfig(beta=1.0), CPU,
+              progress=False)  # fmt: skip
+
+
+def test_atomic_save_leaves_no_temporary(tmp_path):
+    atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_top1_and_knn_hand_cases():
+    assert (
+        top1(torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]), torch.tensor([0, 1, 1])) == 2 / 3
+    )
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    bank_labels = torch.tensor([0, 0, 1])
+    queries = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_top1(bank, bank_labels, queries, torch.tensor([0, 1]), k=1) == 1.0
+    # k = 3: the second query has two class-0 neighbours (cosine 0.05 and 0.16) against one
+    # class-1 neighbour (1.0): a plain majority would say 0, the similarity-weighted vote 1.
+    assert knn_top1(bank, bank_labels, queries, torch.tensor([0, 1]), k=3) == 1.0
+
+
+def test_augment_keeps_shape_and_is_seeded():
+    images = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).view(2, 1, 6, 6)
+    a = augment(images, torch.Generator().manual_seed(0))
+    b = augment(images, torch.Generator().manual_seed(0))
+    assert a.shape == images.shape
+    assert torch.equal(a, b)
