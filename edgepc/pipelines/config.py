@@ -1,0 +1,149 @@
+"""The pipeline's typed configuration: YAML + profile + ``key=value`` overrides, validated.
+
+Unknown keys are errors that name the key and the closest valid one; every stage reads only
+its own section, whose content hash decides whether the stage re-runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgepc.errors import EdgepcError
+
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
+
+
+class ConfigError(EdgepcError):
+    """A pipeline configuration is malformed: unknown key, wrong type, bad value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainSection(Section):
+    epochs: int = Field(5, ge=0)
+    batch_size: int = Field(128, ge=3)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(0.0, ge=0)
+    pc: dict[str, Any] = Field(default_factory=dict)
+    baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    augment: bool = False
+
+
+class DataSection(Section):
+    dataset: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder"] = (
+        "fashion-mnist"
+    )
+    root: str | None = None
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    calibration_size: int = Field(512, ge=0)
+    train_limit: int | None = Field(None, ge=10)
+
+
+class TeacherSection(Section):
+    model: str = "resnet18"
+    checkpoint: str | None = None  # a state dict to load instead of training
+    train: TrainSection = TrainSection(epochs=10, augment=True, weight_decay=5e-4)
+
+
+class DistillSection(Section):
+    student: str = "mobilenetv2_0.5"
+    train: TrainSection = TrainSection(alpha=0.0, beta=1.0)
+    pc_eval_limit: int | None = Field(5000, ge=3)
+
+
+class PipelineConfig(Section):
+    name: str
+    target: Literal["cpu", "mobile", "jetson"]
+    seed: int = 0
+    device: str = "auto"
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    distill: DistillSection = DistillSection()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` with the value read as YAML (numbers, booleans, null, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. distill.train.epochs=3)")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at ``loc`` (the parent of the offending key) in the schema."""
+    for key in loc:
+        annotation = model.model_fields[key].annotation if key in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _explain(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = tuple(str(part) for part in first["loc"])
+    where = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        valid = _field_names(PipelineConfig, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"did you mean {'.'.join((*loc[:-1], close[0]))!r}?" if close else ""
+        return f"unknown key {where!r}; {hint or 'valid keys: ' + ', '.join(valid)}"
+    return f"{where}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_config(
+    target: str | None = None,
+    path: Path | None = None,
+    profile: str | None = None,
+    overrides: list[str] = (),
+) -> PipelineConfig:
+    """``pipelines/<target>.yaml`` (or ``path``), then the named profile, then the overrides."""
+    path = path or PIPELINES / f"{target}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.stem for p in PIPELINES.glob("*.yaml")))
+        raise ConfigError(f"no pipeline config {path}; known targets: {known}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    tree = copy.deepcopy(raw)
+    profiles = tree.pop("profiles", {}) or {}
+    if profile is not None:
+        if profile not in profiles:
+            have = ", ".join(profiles) or "none"
+            raise ConfigError(f"profile {profile!r} is not in {path.name}; it has: {have}")
+        for key, value in profiles[profile].items():
+            _set_dotted(tree, key, value)
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(f"{path.name}: {_explain(error)}") from None

@@ -1,0 +1,68 @@
+"""``python -m edgepc.pipelines.run TARGET [--profile quick|full] [key=value ...]``.
+
+Runs data → teacher → distill for the target's config (``pipelines/TARGET.yaml``), skipping
+stages whose inputs are unchanged, and ends with a summary table and where to see the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from edgepc.errors import EdgepcError
+from edgepc.pipelines.config import PIPELINES, load_config
+from edgepc.pipelines.runner import PipelineReport, default_cache, run_pipeline
+
+TARGETS = ("cpu", "mobile", "jetson")
+KEY_METRICS = ("train_size", "test_top1", "test_knn_top1", "test_pc_triplet_agreement")
+
+
+def summary(report: PipelineReport) -> str:
+    """The closing table: stage, status, seconds, key metrics, MLflow run."""
+    rows = [("stage", "status", "seconds", "key metrics", "mlflow run")]
+    for s in report.stages:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in s.metrics.items() if k in KEY_METRICS)
+        rows.append((s.stage, s.status, f"{s.seconds:.1f}", shown, s.run_id or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    where = report.tracking_uri
+    lines.append(f"\n{report.name}: MLflow parent run {report.run_id} in {where}")
+    if not where.startswith("http"):
+        lines.append("open the UI with: python -m edgepc.pipelines.ui")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgepc.pipelines.run", description=__doc__)
+    parser.add_argument("target", choices=[*TARGETS, "all"], help="which deployment target")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. distill.train.epochs=3")
+    parser.add_argument(
+        "--config", type=Path, help=f"config file (default {PIPELINES}/TARGET.yaml)"
+    )
+    parser.add_argument("--profile", choices=["quick", "full"], help="a profile of the config")
+    parser.add_argument("--cache", type=Path, default=None, help=f"default {default_cache()}")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    args = parser.parse_intermixed_args(argv)
+    targets = TARGETS if args.target == "all" else (args.target,)
+    try:
+        for target in targets:
+            config = load_config(target, args.config, args.profile, args.overrides)
+            report = run_pipeline(config, args.cache, progress=not args.no_progress)
+            print(summary(report))
+    except EdgepcError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

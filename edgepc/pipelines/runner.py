@@ -1,0 +1,154 @@
+"""The stage graph, its content-hash cache and the MLflow runs around it.
+
+A stage's key is the sha256 of its config sections, the keys of its upstream stages and the
+edgepc version: an unchanged stage is skipped, a changed one re-runs with everything after
+it. A stage is complete once its ``result.json`` is written (last, atomically); an
+interrupted stage keeps its workdir, so a rerun resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgepc import __version__
+from edgepc.data.datasets import data_home
+from edgepc.hardware import describe, pick_device
+from edgepc.pipelines.config import PipelineConfig
+from edgepc.pipelines.stages import (
+    StageContext,
+    StageResult,
+    data_stage,
+    distill_stage,
+    teacher_stage,
+)
+from edgepc.tracking import Tracker, flatten, git_commit
+
+StageFn = Callable[[PipelineConfig, dict, StageContext], StageResult]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: StageFn
+    sections: tuple[str, ...]  # config sections (and top-level keys) it depends on
+    upstream: tuple[str, ...]
+
+
+STAGES = (
+    Stage("data", data_stage, ("data", "seed"), ()),
+    Stage("teacher", teacher_stage, ("teacher", "seed"), ("data",)),
+    Stage("distill", distill_stage, ("distill", "seed"), ("data", "teacher")),
+)
+
+
+@dataclass
+class StageReport:
+    stage: str
+    status: str  # ran | cached | failed
+    seconds: float
+    metrics: dict[str, float]
+    run_id: str | None
+
+
+@dataclass
+class PipelineReport:
+    name: str
+    run_id: str
+    tracking_uri: str
+    stages: list[StageReport]
+
+
+def default_cache() -> Path:
+    """``$EDGEPC_CACHE``, else ``.edgepc-cache`` in the project folder."""
+    env = os.environ.get("EDGEPC_CACHE")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".edgepc-cache"
+
+
+def stage_key(stage: Stage, config: PipelineConfig, upstream_keys: list[str]) -> str:
+    dumped = config.model_dump(mode="json")
+    content = {
+        "stage": stage.name,
+        "config": {s: dumped[s] for s in stage.sections},
+        "upstream": upstream_keys,
+        "edgepc": __version__,
+        "data_home": str(data_home()) if stage.name == "data" else None,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _load_result(workdir: Path) -> StageResult | None:
+    path = workdir / "result.json"
+    if not path.is_file():
+        return None
+    return StageResult(**json.loads(path.read_text()))
+
+
+def _save_result(workdir: Path, result: StageResult) -> None:
+    tmp = workdir / ".result.json.tmp"
+    tmp.write_text(json.dumps(asdict(result), indent=2))
+    os.replace(tmp, workdir / "result.json")
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    cache: Path | None = None,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> PipelineReport:
+    """Run every stage in order (skipping cached ones) under one MLflow parent run."""
+    cache = cache or default_cache()
+    tracker = tracker or Tracker()
+    closed = tracker.close_killed_runs()
+    if closed:
+        echo(f"marked {len(closed)} run(s) of a killed earlier invocation as FAILED")
+    device = pick_device(config.device)
+    reports: list[StageReport] = []
+    keys: dict[str, str] = {}
+    done: dict[str, tuple[Path, StageResult]] = {}
+    tags = {"edgepc.target": config.target, "edgepc.git_commit": git_commit(),
+            "edgepc.device": describe(device), "edgepc.version": __version__}  # fmt: skip
+    with tracker.run(f"{config.name}", {**tags, "edgepc.kind": "pipeline"}) as parent:
+        for stage in STAGES:
+            keys[stage.name] = stage_key(stage, config, [keys[u] for u in stage.upstream])
+            workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
+            result = _load_result(workdir)
+            params = flatten(
+                {s: config.model_dump(mode="json")[s] for s in stage.sections}, f"{stage.name}."
+            )
+            stage_tags = {**tags, "edgepc.stage": stage.name, "edgepc.cache_key": keys[stage.name]}
+            if "data" in done:
+                stage_tags["edgepc.dataset_fingerprint"] = done["data"][1].facts["fingerprint"]
+            started = time.perf_counter()
+            status = "cached" if result is not None else "ran"
+            with tracker.run(stage.name, {**stage_tags, "edgepc.status": status}, params) as rid:
+                if result is None:
+                    workdir.mkdir(parents=True, exist_ok=True)
+                    ctx = StageContext(
+                        workdir, device, lambda m, step: tracker.log_metrics(m, step), progress
+                    )
+                    upstream = {u: done[u] for u in stage.upstream}
+                    echo(f"[{stage.name}] running in {workdir}")
+                    result = stage.run(config, upstream, ctx)
+                    _save_result(workdir, result)
+                    for name in result.files.values():
+                        path = workdir / name
+                        if path.stat().st_size < 64 * 2**20:
+                            tracker.log_artifact(path, stage.name)
+                else:
+                    echo(f"[{stage.name}] cached: {workdir}")
+                if stage.name == "data":
+                    stage_tags["edgepc.dataset_fingerprint"] = result.facts["fingerprint"]
+                    tracker.set_tags({"edgepc.dataset_fingerprint": result.facts["fingerprint"]})
+                tracker.log_metrics(result.metrics)
+            done[stage.name] = (workdir, result)
+            seconds = time.perf_counter() - started
+            reports.append(StageReport(stage.name, status, seconds, result.metrics, rid))
+        tracker.log_metrics({f"{r.stage}.{k}": v for r in reports for k, v in r.metrics.items()})
+    return PipelineReport(config.name, parent, tracker.uri, reports)

@@ -1,0 +1,204 @@
+"""The pipeline's stages: each a function of (config, upstream results, context) -> result.
+
+Stages write their files into ``context.workdir`` and report metrics through
+``context.log``; they never touch MLflow or the cache (the runner owns both).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgepc.data import channel_stats, fingerprint, load_dataset, make_splits
+from edgepc.data.datasets import ImageDataset
+from edgepc.distill.evaluate import evaluate_embeddings, predict
+from edgepc.distill.images import Normalisation
+from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
+from edgepc.errors import ModelError
+from edgepc.models import EmbeddingModel, build_model
+from edgepc.pipelines.config import PipelineConfig, TrainSection
+
+
+@dataclass(frozen=True)
+class StageContext:
+    workdir: Path
+    device: torch.device
+    log: Callable[[dict[str, float], int | None], None]
+    progress: bool = True
+
+
+@dataclass
+class StageResult:
+    """What a stage hands downstream: key metrics, its files (relative to its workdir), facts."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    dataset: ImageDataset
+    train: torch.Tensor
+    val: torch.Tensor
+    calibration: torch.Tensor
+    norm: Normalisation
+
+
+def prepare_data(config: PipelineConfig, data: StageResult, workdir: Path) -> PreparedData:
+    """The dataset and the data stage's split, loaded again for a downstream stage."""
+    section = config.data
+    dataset = load_dataset(section.dataset, Path(section.root) if section.root else None)
+    splits = torch.load(workdir / data.files["splits"], weights_only=True)
+    norm = Normalisation(tuple(data.facts["mean"]), tuple(data.facts["std"]))
+    return PreparedData(dataset, splits["train"], splits["val"], splits["calibration"], norm)
+
+
+def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
+    section = config.data
+    dataset = load_dataset(section.dataset, Path(section.root) if section.root else None)
+    splits = make_splits(
+        dataset.train_labels,
+        section.val_fraction,
+        section.calibration_size,
+        config.seed,
+        section.train_limit,
+    )
+    mean, std = channel_stats(dataset.train_images[splits.train])
+    atomic_save(
+        {"train": splits.train, "val": splits.val, "calibration": splits.calibration},
+        ctx.workdir / "splits.pt",
+    )
+    counts = torch.bincount(dataset.train_labels[splits.train], minlength=len(dataset.classes))
+    facts = {
+        "fingerprint": fingerprint(dataset),
+        "classes": list(dataset.classes),
+        "channels": dataset.channels,
+        "image_size": list(dataset.image_size),
+        "mean": mean,
+        "std": std,
+        "train_class_counts": counts.tolist(),
+    }
+    (ctx.workdir / "data.json").write_text(json.dumps(facts, indent=2))
+    metrics = {
+        "train_size": len(splits.train),
+        "val_size": len(splits.val),
+        "test_size": len(dataset.test_labels),
+        "calibration_size": len(splits.calibration),
+    }
+    return StageResult(metrics, {"splits": "splits.pt", "summary": "data.json"}, facts)
+
+
+def _build(name: str, data: StageResult, upstream_dir: Path | None = None) -> EmbeddingModel:
+    return build_model(name, len(data.facts["classes"]), data.facts["channels"])
+
+
+def _train_config(section: TrainSection, seed: int) -> TrainConfig:
+    return TrainConfig(**section.model_dump(), seed=seed)
+
+
+def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
+    data_dir, data = upstream["data"]
+    prepared = prepare_data(config, data, data_dir)
+    section = config.teacher
+    torch.manual_seed(config.seed)
+    teacher = _build(section.model, data)
+    images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
+    if section.checkpoint:
+        try:
+            state = torch.load(section.checkpoint, map_location="cpu", weights_only=True)
+            teacher.model.load_state_dict(state)
+        except (OSError, RuntimeError, KeyError) as error:
+            raise ModelError(
+                f"cannot load teacher checkpoint {section.checkpoint}: {error}"
+            ) from None
+    else:
+        train(
+            teacher,
+            images[prepared.train],
+            labels[prepared.train],
+            prepared.norm,
+            _train_config(section.train, config.seed),
+            ctx.device,
+            checkpoint=ctx.workdir / "training.pt",
+            on_epoch=lambda epoch, m: ctx.log(m, epoch),
+            progress=ctx.progress,
+        )
+    atomic_save(teacher.model.state_dict(), ctx.workdir / "teacher.pt")
+    outputs = {}
+    for part, x in (
+        ("train", images[prepared.train]),
+        ("val", images[prepared.val]),
+        ("test", prepared.dataset.test_images),
+    ):
+        logits, embeddings = predict(teacher, x, prepared.norm, ctx.device)
+        outputs[part] = {"logits": logits, "embeddings": embeddings}
+    atomic_save(outputs, ctx.workdir / "teacher_outputs.pt")
+    test_logits = outputs["test"]["logits"]
+    metrics = evaluate_embeddings(
+        test_logits,
+        outputs["test"]["embeddings"],
+        prepared.dataset.test_labels,
+        outputs["train"]["embeddings"],
+        labels[prepared.train],
+    )
+    metrics = {f"test_{k}": v for k, v in metrics.items()}
+    files = {"model": "teacher.pt", "outputs": "teacher_outputs.pt"}
+    return StageResult(metrics, files, {"embedding_dim": outputs["test"]["embeddings"].shape[1]})
+
+
+def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
+    data_dir, data = upstream["data"]
+    teacher_dir, teacher = upstream["teacher"]
+    prepared = prepare_data(config, data, data_dir)
+    outputs = torch.load(teacher_dir / teacher.files["outputs"], weights_only=True)
+    section = config.distill
+    torch.manual_seed(config.seed)
+    student = _build(section.student, data)
+    images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
+    cached = TeacherTargets(outputs["train"]["logits"], outputs["train"]["embeddings"])
+    teacher_model = None
+    if section.train.augment:  # augmented batches need the teacher itself, not its cache
+        teacher_model = _build(config.teacher.model, data)
+        teacher_model.model.load_state_dict(
+            torch.load(teacher_dir / teacher.files["model"], weights_only=True)
+        )
+        teacher_model.to(ctx.device)
+        cached = None
+    needs_teacher = section.train.beta > 0 or section.train.baselines
+    train(
+        student,
+        images[prepared.train],
+        labels[prepared.train],
+        prepared.norm,
+        _train_config(section.train, config.seed),
+        ctx.device,
+        teacher=teacher_model if needs_teacher else None,
+        cached=cached if needs_teacher else None,
+        checkpoint=ctx.workdir / "training.pt",
+        on_epoch=lambda epoch, m: ctx.log(m, epoch),
+        progress=ctx.progress,
+    )
+    atomic_save(student.model.state_dict(), ctx.workdir / "student.pt")
+    bank = predict(student, images[prepared.train], prepared.norm, ctx.device)[1]
+    metrics: dict[str, float] = {}
+    for part, x, y in (
+        ("val", images[prepared.val], labels[prepared.val]),
+        ("test", prepared.dataset.test_images, prepared.dataset.test_labels),
+    ):
+        logits, embeddings = predict(student, x, prepared.norm, ctx.device)
+        scores = evaluate_embeddings(
+            logits,
+            embeddings,
+            y,
+            bank,
+            labels[prepared.train],
+            outputs[part]["embeddings"],
+            section.pc_eval_limit,
+        )
+        metrics |= {f"{part}_{k}": v for k, v in scores.items()}
+    return StageResult(metrics, {"model": "student.pt"}, {"embedding_dim": bank.shape[1]})

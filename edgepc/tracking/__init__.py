@@ -1,0 +1,142 @@
+"""MLflow tracking: the only module of edgepc that imports mlflow.
+
+One parent run per pipeline invocation, one nested run per stage. The default store is
+``sqlite:///<project>/mlflow/mlflow.db`` with artifacts in ``<project>/mlflow/artifacts``;
+``MLFLOW_TRACKING_URI`` overrides it (e.g. a server).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[2]
+STORE = PROJECT / "mlflow"
+EXPERIMENT = "edgepc"
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the project's sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{STORE / 'mlflow.db'}"
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b.c": "value"} with values as strings (MLflow params)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_commit() -> str:
+    """The project's git commit (with ``+dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(PROJECT), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(PROJECT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """Opens the store, the experiment and the runs; everything else in edgepc stays MLflow-free."""
+
+    def __init__(self, uri: str | None = None, experiment: str = EXPERIMENT) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = uri or tracking_uri()
+        if self.uri.startswith("sqlite:///"):
+            STORE.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            artifacts = (STORE / "artifacts").as_uri() if self.uri.startswith("sqlite") else None
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifacts
+            )
+        else:
+            self.experiment_id = found.experiment_id
+        self.run_id: str | None = None
+
+    def close_killed_runs(self) -> list[str]:
+        """Runs left RUNNING by a process of this host that no longer exists: mark them FAILED
+        (a killed stage shows as failed, not lost). Returns their ids."""
+        closed = []
+        host = socket.gethostname()
+        runs = self.client.search_runs(
+            [self.experiment_id], "attributes.status = 'RUNNING'", max_results=500
+        )
+        for run in runs:
+            pid, run_host = run.data.tags.get("edgepc.pid"), run.data.tags.get("edgepc.host")
+            if pid is None or run_host != host or _alive(int(pid)):
+                continue
+            self.client.set_tag(run.info.run_id, "edgepc.status", "killed")
+            self.client.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+        return closed
+
+    @contextmanager
+    def run(
+        self, name: str, tags: Mapping[str, str], params: Mapping[str, str] | None = None
+    ) -> Iterator[str]:
+        """A run (nested under the open one, if any) that ends FINISHED, or FAILED/KILLED on an
+        exception (re-raised). Yields the run id."""
+        mlflow = self.mlflow
+        nested = mlflow.active_run() is not None
+        all_tags = {"edgepc.pid": str(os.getpid()), "edgepc.host": socket.gethostname(), **tags}
+        with mlflow.start_run(
+            run_name=name, experiment_id=self.experiment_id, nested=nested, tags=all_tags
+        ) as active:
+            if params:
+                mlflow.log_params(dict(params))
+            try:
+                yield active.info.run_id
+            except KeyboardInterrupt:
+                mlflow.set_tag("edgepc.status", "interrupted")
+                mlflow.end_run("KILLED")
+                raise
+            except BaseException:
+                mlflow.set_tag("edgepc.status", "failed")
+                mlflow.end_run("FAILED")
+                raise
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.mlflow.set_tags(dict(tags))
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def run_link(self, run_id: str) -> str:
+        """Where to see a run: its UI address on a server, else the run id for the local UI."""
+        if self.uri.startswith("http"):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return run_id
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
