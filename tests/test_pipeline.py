@@ -1,0 +1,147 @@
+"""The pipeline end to end on a small real subset of Fashion-MNIST, with a real MLflow store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgepc.pipelines.config import ConfigError, load_config, parse_override
+from edgepc.pipelines.run import main
+from edgepc.pipelines.runner import run_pipeline
+from edgepc.tracking import Tracker
+
+SMALL = [
+    "data.train_limit=300",
+    "data.calibration_size=64",
+    "teacher.model=tiny_cnn",
+    "teacher.train={epochs: 4, batch_size: 32, lr: 0.003, augment: false}",
+    "distill.student=tiny_cnn",
+    "distill.train.epochs=2",
+    "distill.train.batch_size=64",
+    "distill.pc_eval_limit=300",
+]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return Tracker(uri, experiment="edgepc-test")
+
+
+def test_config_layers_profile_then_overrides():
+    config = load_config("cpu", profile="quick", overrides=["distill.train.epochs=7"])
+    assert config.teacher.model == "tiny_cnn"  # from the profile
+    assert config.distill.train.epochs == 7  # override wins
+    assert config.distill.train.pc["tau"] == 0.3  # from the file
+    assert load_config("jetson").target == "jetson"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["distil.train.epochs=2"], "unknown key 'distil'; did you mean 'distill'"),
+        (["distill.train.epoch=2"], "did you mean 'distill.train.epochs'"),
+        (["distill.train.lr=abc"], "distill.train.lr: Input should be a valid number"),
+        (["distill.train.epochs=-1"], "greater than or equal to 0"),
+        (["data.dataset=svhn"], "data.dataset"),
+        (["distill"], "not key=value"),
+        (["distill.train=3"], "distill.train"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("cpu", overrides=overrides)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"no pipeline config.*known targets: cpu, jetson"):
+        load_config("nope")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path=tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path=tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match=r"profile 'huge' is not in cpu\.yaml; it has: quick"):
+        load_config("cpu", profile="huge")
+
+
+def test_override_values_are_yaml():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a={x: 1}") == ("a", {"x": 1})
+    assert parse_override("a=null") == ("a", None)
+
+
+def test_cache_hit_miss_and_invalidation(tmp_path, store):
+    config = load_config("cpu", overrides=SMALL)
+    first = run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
+    assert [s.status for s in first.stages] == ["ran", "ran", "ran"]
+    assert first.stages[1].metrics["test_top1"] > 0.3
+    assert 0.5 < first.stages[2].metrics["test_pc_triplet_agreement"] <= 1.0
+    again = run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
+    assert [s.status for s in again.stages] == ["cached"] * 3
+    assert again.stages[2].metrics == first.stages[2].metrics
+    changed = load_config("cpu", overrides=[*SMALL, "distill.train.lr=0.002"])
+    third = run_pipeline(changed, tmp_path / "cache", store, progress=False, echo=lambda _: None)
+    assert [s.status for s in third.stages] == ["cached", "cached", "ran"]
+    seeded = load_config("cpu", overrides=[*SMALL, "seed=1"])
+    fourth = run_pipeline(seeded, tmp_path / "cache", store, progress=False, echo=lambda _: None)
+    assert [s.status for s in fourth.stages] == ["ran", "ran", "ran"]
+    # MLflow holds a parent and three children per invocation, with the stage's metrics.
+    runs = store.client.search_runs([store.experiment_id], max_results=100)
+    assert len(runs) == 4 * 4
+    distill = [r for r in runs if r.data.tags.get("edgepc.stage") == "distill"]
+    assert {r.data.tags["edgepc.status"] for r in distill} == {"ran", "cached"}
+    assert all("test_knn_top1" in r.data.metrics for r in distill)
+    assert all(len(r.data.tags["edgepc.dataset_fingerprint"]) == 64 for r in distill)
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+    assert main(["cpu", "distil.train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: cpu.yaml: unknown key 'distil'; did you mean 'distill'?"]
+
+
+@pytest.mark.slow
+def test_kill_during_distill_then_resume(tmp_path, store):
+    """SIGKILL mid-distill; the rerun resumes from the epoch checkpoint and MLflow shows the
+    killed stage as FAILED."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "EDGEPC_CACHE": str(tmp_path / "c")}
+    overrides = [*SMALL, "distill.train.epochs=40", "data.train_limit=600"]
+    command = [sys.executable, "-m", "edgepc.pipelines.run", "cpu", "--no-progress", *overrides]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoint = None
+    deadline = time.time() + 300
+    while time.time() < deadline and checkpoint is None:
+        found = list((tmp_path / "c").glob("distill-*/training.pt"))
+        checkpoint = found[0] if found else None
+        time.sleep(0.2)
+    assert checkpoint is not None, proc.communicate()[0].decode()[-2000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= done_before < 40
+    # The rerun sees the checkpoint and trains only the epochs that are left.
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "marked 2 run(s) of a killed earlier invocation as FAILED" in out.stdout
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 40
+    tracker = Tracker(store.uri)
+    runs = tracker.client.search_runs([tracker.experiment_id], max_results=50)
+    killed = [r for r in runs if r.data.tags.get("edgepc.status") == "killed"]
+    assert {r.data.tags.get("edgepc.stage", "pipeline") for r in killed} == {"distill", "pipeline"}
+    assert all(r.info.status == "FAILED" for r in killed)
+    history = tracker.client.get_metric_history(
+        next(r for r in runs if r.data.tags.get("edgepc.stage") == "distill"
+             and r.info.status == "FINISHED").info.run_id,
+        "loss",
+    )  # fmt: skip
+    assert {m.step for m in history} == set(range(done_before + 1, 41))
+    assert Path(checkpoint).exists()
