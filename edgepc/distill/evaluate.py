@@ -61,10 +61,12 @@ def evaluate_embeddings(
     bank_labels: Tensor,
     teacher_embeddings: Tensor | None = None,
     pc_limit: int | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """top1, knn_top1 and, with the teacher's embeddings of the same images, pc_* metrics.
 
-    ``pc_limit`` keeps the first n images for the O(N² log² N) pc_* metrics (None: all).
+    ``pc_limit`` keeps the first n images for the O(N² log² N) pc_* metrics (None: all);
+    ``device`` is where they are computed (a GPU is ~100× faster than 2 CPU cores).
     """
     result = {
         "top1": top1(logits, labels),
@@ -72,5 +74,6 @@ def evaluate_embeddings(
     }
     if teacher_embeddings is not None:
         n = len(embeddings) if pc_limit is None else min(pc_limit, len(embeddings))
-        result |= coherence_metrics(embeddings[:n], teacher_embeddings[:n]).as_dict()
+        pair = (embeddings[:n].to(device), teacher_embeddings[:n].to(device))
+        result |= coherence_metrics(*pair).as_dict()
     return result

@@ -199,6 +199,7 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
             labels[prepared.train],
             outputs[part]["embeddings"],
             section.pc_eval_limit,
+            ctx.device,
         )
         metrics |= {f"{part}_{k}": v for k, v in scores.items()}
     return StageResult(metrics, {"model": "student.pt"}, {"embedding_dim": bank.shape[1]})
