@@ -145,3 +145,36 @@ def test_kill_during_distill_then_resume(tmp_path, store):
     )  # fmt: skip
     assert {m.step for m in history} == set(range(done_before + 1, 41))
     assert Path(checkpoint).exists()
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store(tmp_path, store):
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "edgepc.pipelines.ui", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+        body = json.dumps({"max_results": 10}).encode()
+        names = None
+        for _ in range(120):
+            try:
+                request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    names = [e["name"] for e in json.load(response)["experiments"]]
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert names is not None, "the MLflow UI did not answer within 60 s"
+        assert "edgepc-test" in names
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)

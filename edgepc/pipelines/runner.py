@@ -115,6 +115,7 @@ def run_pipeline(
     tags = {"edgepc.target": config.target, "edgepc.git_commit": git_commit(),
             "edgepc.device": describe(device), "edgepc.version": __version__}  # fmt: skip
     with tracker.run(f"{config.name}", {**tags, "edgepc.kind": "pipeline"}) as parent:
+        tracker.log_dict(config.model_dump(mode="json"), "config.yaml")
         for stage in STAGES:
             keys[stage.name] = stage_key(stage, config, [keys[u] for u in stage.upstream])
             workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"

@@ -21,6 +21,7 @@ from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, tra
 from edgepc.errors import ModelError
 from edgepc.models import EmbeddingModel, build_model
 from edgepc.pipelines.config import PipelineConfig, TrainSection
+from edgepc.pipelines.plots import plot_history
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Sta
     return StageResult(metrics, {"splits": "splits.pt", "summary": "data.json"}, facts)
 
 
-def _build(name: str, data: StageResult, upstream_dir: Path | None = None) -> EmbeddingModel:
+def _build(name: str, data: StageResult) -> EmbeddingModel:
     return build_model(name, len(data.facts["classes"]), data.facts["channels"])
 
 
@@ -117,7 +118,7 @@ def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
                 f"cannot load teacher checkpoint {section.checkpoint}: {error}"
             ) from None
     else:
-        train(
+        history = train(
             teacher,
             images[prepared.train],
             labels[prepared.train],
@@ -128,6 +129,7 @@ def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
             on_epoch=lambda epoch, m: ctx.log(m, epoch),
             progress=ctx.progress,
         )
+        plot_history(history, ctx.workdir / "curves.png", f"teacher {section.model}")
     atomic_save(teacher.model.state_dict(), ctx.workdir / "teacher.pt")
     outputs = {}
     for part, x in (
@@ -148,6 +150,8 @@ def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
     )
     metrics = {f"test_{k}": v for k, v in metrics.items()}
     files = {"model": "teacher.pt", "outputs": "teacher_outputs.pt"}
+    if not section.checkpoint:
+        files["curves"] = "curves.png"
     return StageResult(metrics, files, {"embedding_dim": outputs["test"]["embeddings"].shape[1]})
 
 
@@ -170,7 +174,7 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
         teacher_model.to(ctx.device)
         cached = None
     needs_teacher = section.train.beta > 0 or section.train.baselines
-    train(
+    history = train(
         student,
         images[prepared.train],
         labels[prepared.train],
@@ -184,6 +188,7 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
         progress=ctx.progress,
     )
     atomic_save(student.model.state_dict(), ctx.workdir / "student.pt")
+    plot_history(history, ctx.workdir / "curves.png", f"student {section.student}")
     bank = predict(student, images[prepared.train], prepared.norm, ctx.device)[1]
     metrics: dict[str, float] = {}
     for part, x, y in (
@@ -202,4 +207,5 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
             ctx.device,
         )
         metrics |= {f"{part}_{k}": v for k, v in scores.items()}
-    return StageResult(metrics, {"model": "student.pt"}, {"embedding_dim": bank.shape[1]})
+    files = {"model": "student.pt", "curves": "curves.png"}
+    return StageResult(metrics, files, {"embedding_dim": bank.shape[1]})

@@ -122,6 +122,10 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.mlflow.set_tags(dict(tags))
 
+    def log_dict(self, data: Mapping, filename: str) -> None:
+        """A mapping as a JSON or YAML artifact of the open run (by ``filename``'s suffix)."""
+        self.mlflow.log_dict(dict(data), filename)
+
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=folder)
 

@@ -1,0 +1,29 @@
+"""Pictures of a stage's work, saved as PNG next to its other files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Per-epoch loss terms (log scale) and throughput of a training run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = range(1, len(history) + 1)
+    fig, (losses, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in sorted(k for k in history[0] if k.startswith("loss")):
+        losses.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    losses.set(xlabel="epoch", ylabel="loss", yscale="log", title=title)
+    losses.legend()
+    speed.plot(epochs, [h["images_per_s"] for h in history], marker="o", color="gray")
+    speed.set(xlabel="epoch", ylabel="images / s", title="throughput")
+    for axis in (losses, speed):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
