@@ -178,3 +178,26 @@ def test_ui_serves_the_store(tmp_path, store):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"garbage", "cannot load teacher checkpoint"),
+        (None, r"Error\(s\) in loading state_dict for TinyCNN"),  # another model's weights
+    ],
+)
+def test_bad_teacher_checkpoint_is_a_model_error(tmp_path, store, content, message):
+    from edgepc.errors import ModelError
+    from edgepc.models import build_model
+
+    path = tmp_path / "teacher.pt"
+    if content is None:
+        torch.save(build_model("wrn16_4").model.state_dict(), path)
+    else:
+        path.write_bytes(content)
+    config = load_config("cpu", overrides=[*SMALL, f"teacher.checkpoint={path}"])
+    with pytest.raises(ModelError, match=message):
+        run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
+    failed = store.client.search_runs([store.experiment_id], "attributes.status = 'FAILED'")
+    assert {r.data.tags.get("edgepc.stage") for r in failed} >= {"teacher"}

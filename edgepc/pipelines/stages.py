@@ -7,6 +7,7 @@ Stages write their files into ``context.workdir`` and report metrics through
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +99,29 @@ def _build(name: str, data: StageResult) -> EmbeddingModel:
     return build_model(name, len(data.facts["classes"]), data.facts["channels"])
 
 
-def _train_config(section: TrainSection, seed: int) -> TrainConfig:
-    return TrainConfig(**section.model_dump(), seed=seed)
+def _fit(
+    model: EmbeddingModel,
+    prepared: PreparedData,
+    section: TrainSection,
+    seed: int,
+    ctx: StageContext,
+    title: str,
+    **teacher: object,
+) -> None:
+    """Train on the train split with the stage's checkpoint, then plot the curves."""
+    history = train(
+        model,
+        prepared.dataset.train_images[prepared.train],
+        prepared.dataset.train_labels[prepared.train],
+        prepared.norm,
+        TrainConfig(**section.model_dump(), seed=seed),
+        ctx.device,
+        checkpoint=ctx.workdir / "training.pt",
+        on_epoch=lambda epoch, metrics: ctx.log(metrics, epoch),
+        progress=ctx.progress,
+        **teacher,
+    )
+    plot_history(history, ctx.workdir / "curves.png", title)
 
 
 def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
@@ -113,23 +135,14 @@ def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
         try:
             state = torch.load(section.checkpoint, map_location="cpu", weights_only=True)
             teacher.model.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError) as error:
+        except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:
             raise ModelError(
-                f"cannot load teacher checkpoint {section.checkpoint}: {error}"
+                f"cannot load teacher checkpoint {section.checkpoint} "
+                f"({type(error).__name__}: {str(error).splitlines()[0]}): give a state dict "
+                "saved with torch.save(model.state_dict()) for teacher.model"
             ) from None
     else:
-        history = train(
-            teacher,
-            images[prepared.train],
-            labels[prepared.train],
-            prepared.norm,
-            _train_config(section.train, config.seed),
-            ctx.device,
-            checkpoint=ctx.workdir / "training.pt",
-            on_epoch=lambda epoch, m: ctx.log(m, epoch),
-            progress=ctx.progress,
-        )
-        plot_history(history, ctx.workdir / "curves.png", f"teacher {section.model}")
+        _fit(teacher, prepared, section.train, config.seed, ctx, f"teacher {section.model}")
     atomic_save(teacher.model.state_dict(), ctx.workdir / "teacher.pt")
     outputs = {}
     for part, x in (
@@ -174,21 +187,17 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
         teacher_model.to(ctx.device)
         cached = None
     needs_teacher = section.train.beta > 0 or section.train.baselines
-    history = train(
+    _fit(
         student,
-        images[prepared.train],
-        labels[prepared.train],
-        prepared.norm,
-        _train_config(section.train, config.seed),
-        ctx.device,
+        prepared,
+        section.train,
+        config.seed,
+        ctx,
+        f"student {section.student}",
         teacher=teacher_model if needs_teacher else None,
         cached=cached if needs_teacher else None,
-        checkpoint=ctx.workdir / "training.pt",
-        on_epoch=lambda epoch, m: ctx.log(m, epoch),
-        progress=ctx.progress,
     )
     atomic_save(student.model.state_dict(), ctx.workdir / "student.pt")
-    plot_history(history, ctx.workdir / "curves.png", f"student {section.student}")
     bank = predict(student, images[prepared.train], prepared.norm, ctx.device)[1]
     metrics: dict[str, float] = {}
     for part, x, y in (
