@@ -38,7 +38,7 @@ def test_config_layers_profile_then_overrides():
     config = load_config("cpu", profile="quick", overrides=["distill.train.epochs=7"])
     assert config.teacher.model == "tiny_cnn"  # from the profile
     assert config.distill.train.epochs == 7  # override wins
-    assert config.distill.train.pc["tau"] == 0.3  # from the file
+    assert config.distill.train.pc.tau == 0.3  # from the file
     assert load_config("jetson").target == "jetson"
 
 
@@ -52,6 +52,9 @@ def test_config_layers_profile_then_overrides():
         (["data.dataset=svhn"], "data.dataset"),
         (["distill"], "not key=value"),
         (["distill.train=3"], "distill.train"),
+        (["distill.train.pc.tau=0"], "distill.train.pc.tau: Input should be greater than 0"),
+        (["distill.train.pc.taus=1"], "did you mean 'distill.train.pc.tau'"),
+        (["distill.train.baselines={rkd_angel: {}}"], "did you mean 'rkd_angle'"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):

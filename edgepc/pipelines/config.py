@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgepc.distill.losses import loss_class
 from edgepc.errors import EdgepcError
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
@@ -27,6 +28,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PCSection(Section):
+    """Options of the perception-coherence loss (see edgepc.coherence.loss)."""
+
+    dissimilarity: Literal["euclidean", "sqeuclidean", "cosine"] = "euclidean"
+    tau: float = Field(0.3, gt=0)
+    penalty: Literal["square", "abs"] = "square"
+    teacher_ranks: Literal["soft", "hard"] = "soft"
+
+
 class TrainSection(Section):
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, ge=3)
@@ -36,9 +46,16 @@ class TrainSection(Section):
     schedule: Literal["cosine", "constant"] = "cosine"
     alpha: float = Field(1.0, ge=0)
     beta: float = Field(0.0, ge=0)
-    pc: dict[str, Any] = Field(default_factory=dict)
+    pc: PCSection = PCSection()
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     augment: bool = False
+
+    @field_validator("baselines")
+    @classmethod
+    def _registered(cls, baselines: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in baselines:
+            loss_class(name)  # a ValueError naming the closest registered loss
+        return baselines
 
 
 class DataSection(Section):
