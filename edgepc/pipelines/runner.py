@@ -77,6 +77,7 @@ def stage_key(stage: Stage, config: PipelineConfig, upstream_keys: list[str]) ->
         "config": {s: dumped[s] for s in stage.sections},
         "upstream": upstream_keys,
         "edgepc": __version__,
+        # Where datasets are looked for first: another $EDGEPC_DATA may hold other files.
         "data_home": str(data_home()) if stage.name == "data" else None,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
@@ -114,15 +115,14 @@ def run_pipeline(
     done: dict[str, tuple[Path, StageResult]] = {}
     tags = {"edgepc.target": config.target, "edgepc.git_commit": git_commit(),
             "edgepc.device": describe(device), "edgepc.version": __version__}  # fmt: skip
-    with tracker.run(f"{config.name}", {**tags, "edgepc.kind": "pipeline"}) as parent:
-        tracker.log_dict(config.model_dump(mode="json"), "config.yaml")
+    dumped = config.model_dump(mode="json")
+    with tracker.run(config.name, {**tags, "edgepc.kind": "pipeline"}) as parent:
+        tracker.log_dict(dumped, "config.yaml")
         for stage in STAGES:
             keys[stage.name] = stage_key(stage, config, [keys[u] for u in stage.upstream])
             workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
             result = _load_result(workdir)
-            params = flatten(
-                {s: config.model_dump(mode="json")[s] for s in stage.sections}, f"{stage.name}."
-            )
+            params = flatten({s: dumped[s] for s in stage.sections}, f"{stage.name}.")
             stage_tags = {**tags, "edgepc.stage": stage.name, "edgepc.cache_key": keys[stage.name]}
             if "data" in done:
                 stage_tags["edgepc.dataset_fingerprint"] = done["data"][1].facts["fingerprint"]
@@ -145,7 +145,6 @@ def run_pipeline(
                 else:
                     echo(f"[{stage.name}] cached: {workdir}")
                 if stage.name == "data":
-                    stage_tags["edgepc.dataset_fingerprint"] = result.facts["fingerprint"]
                     tracker.set_tags({"edgepc.dataset_fingerprint": result.facts["fingerprint"]})
                 tracker.log_metrics(result.metrics)
             done[stage.name] = (workdir, result)
