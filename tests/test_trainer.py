@@ -123,6 +123,23 @@ def test_distillation_without_teacher_is_an_error(subset):
               progress=False)  # fmt: skip
 
 
+def test_checkpoint_of_another_model_is_reported(subset, tmp_path):
+    x, y, _, _, norm = subset
+    config = TrainConfig(epochs=1, batch_size=64)
+    train(build_model("tiny_cnn"), x[:64], y[:64], norm, config, CPU,
+          checkpoint=tmp_path / "ck.pt", progress=False)  # fmt: skip
+    with pytest.raises(TrainingError, match=r"does not fit this model.*delete it"):
+        train(build_model("shufflenetv2_0.5"), x[:64], y[:64], norm, config, CPU,
+              checkpoint=tmp_path / "ck.pt", progress=False)  # fmt: skip
+
+
+def test_nothing_to_train_is_an_error(subset):
+    x, y, _, _, norm = subset
+    with pytest.raises(TrainingError, match="nothing to train"):
+        train(build_model("tiny_cnn"), x[:64], y[:64], norm, TrainConfig(alpha=0.0), CPU,
+              progress=False)  # fmt: skip
+
+
 def test_atomic_save_leaves_no_temporary(tmp_path):
     atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]

@@ -98,6 +98,8 @@ class _Objective(nn.Module):
             self.weights[name] = float(options.pop("weight", 1.0))
             loss = build_loss(name, **self._dims(name, options, student_dim, teacher_dim))
             self.baselines[name] = loss
+        if not (self.alpha or self.pc is not None or self.baselines):
+            raise TrainingError("nothing to train: alpha and beta are 0 and no baseline is set")
         if (self.pc is not None or self.baselines) and teacher_dim is None:
             raise TrainingError("a distillation loss is configured but no teacher is given")
 
@@ -180,11 +182,17 @@ def train(
     start_epoch = 0
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, start_epoch = state["history"], state["epoch"]
+        try:
+            model.load_state_dict(state["model"])
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history, start_epoch = state["history"], state["epoch"]
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise TrainingError(
+                f"checkpoint {checkpoint} does not fit this model and config "
+                f"({type(error).__name__}): delete it to start over"
+            ) from None
     use_amp = device.type == "cuda"
     for epoch in range(start_epoch, config.epochs):
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
