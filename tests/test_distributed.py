@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,7 @@ import torch
 
 from edgepc.coherence import perception_coherence_loss
 from edgepc.distill.distributed import gather, gather_with_grad, world_size
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 @pytest.mark.slow
@@ -27,7 +21,7 @@ def test_global_batch_loss_equals_single_process(tmp_path, world):
     script = Path(__file__).with_name("distributed_pc.py")
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(out),
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

@@ -14,6 +14,7 @@ from edgepc.pipelines.config import ConfigError, load_config, parse_override
 from edgepc.pipelines.run import main
 from edgepc.pipelines.runner import run_pipeline
 from edgepc.tracking import Tracker
+from tests.conftest import free_port
 
 SMALL = [
     "data.train_limit=300",
@@ -153,12 +154,9 @@ def test_kill_during_distill_then_resume(tmp_path, store):
 @pytest.mark.slow
 def test_ui_serves_the_store(tmp_path, store):
     import json
-    import socket
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
     ui = subprocess.Popen(
         [sys.executable, "-m", "edgepc.pipelines.ui", "--port", str(port)],

@@ -129,12 +129,6 @@ class Tracker:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=folder)
 
-    def run_link(self, run_id: str) -> str:
-        """Where to see a run: its UI address on a server, else the run id for the local UI."""
-        if self.uri.startswith("http"):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return run_id
-
 
 def _alive(pid: int) -> bool:
     try:
