@@ -15,3 +15,7 @@ class ModelError(EdgepcError):
 
 class TrainingError(EdgepcError):
     """Training cannot go on (a non-finite loss, an unusable checkpoint)."""
+
+
+class QuantError(EdgepcError):
+    """A model cannot be quantized for a target (an unsupported layer, a bad quant state)."""

@@ -25,6 +25,10 @@ SMALL = [
     "distill.train.epochs=2",
     "distill.train.batch_size=64",
     "distill.pc_eval_limit=300",
+    "qat.train={epochs: 1, batch_size: 64, lr: 0.0003, alpha: 1.0, beta: 1.0, gamma: 1.0}",
+    "qat.train_limit=200",
+    "qat.pc_eval_limit=300",
+    "qat.plain_qat=false",
 ]
 
 
@@ -85,21 +89,29 @@ def test_override_values_are_yaml():
 def test_cache_hit_miss_and_invalidation(tmp_path, store):
     config = load_config("cpu", overrides=SMALL)
     first = run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in first.stages] == ["ran", "ran", "ran"]
+    assert [s.status for s in first.stages] == ["ran"] * 4
     assert first.stages[1].metrics["test_top1"] > 0.3
     assert 0.5 < first.stages[2].metrics["test_pc_triplet_agreement"] <= 1.0
     again = run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in again.stages] == ["cached"] * 3
+    assert [s.status for s in again.stages] == ["cached"] * 4
     assert again.stages[2].metrics == first.stages[2].metrics
     changed = load_config("cpu", overrides=[*SMALL, "distill.train.lr=0.002"])
     third = run_pipeline(changed, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in third.stages] == ["cached", "cached", "ran"]
+    assert [s.status for s in third.stages] == ["cached", "cached", "ran", "ran"]
     seeded = load_config("cpu", overrides=[*SMALL, "seed=1"])
     fourth = run_pipeline(seeded, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in fourth.stages] == ["ran", "ran", "ran"]
-    # MLflow holds a parent and three children per invocation, with the stage's metrics.
+    assert [s.status for s in fourth.stages] == ["ran"] * 4
+    # Another target shares data, teacher and student, and quantizes them its own way.
+    jetson = load_config("jetson", overrides=SMALL)
+    fifth = run_pipeline(jetson, tmp_path / "cache", store, progress=False, echo=lambda _: None)
+    assert [s.status for s in fifth.stages] == ["cached", "cached", "cached", "ran"]
+    qat = fifth.stages[3].metrics
+    assert qat["fp32_test_top1"] == first.stages[2].metrics["test_top1"]
+    assert abs(qat["qat_test_top1"] - qat["fp32_test_top1"]) < 0.05
+    assert qat["qat_test_pc_triplet_agreement_fp32"] > 0.9
+    # MLflow holds a parent and four children per invocation, with the stage's metrics.
     runs = store.client.search_runs([store.experiment_id], max_results=100)
-    assert len(runs) == 4 * 4
+    assert len(runs) == 5 * 5
     distill = [r for r in runs if r.data.tags.get("edgepc.stage") == "distill"]
     assert {r.data.tags["edgepc.status"] for r in distill} == {"ran", "cached"}
     assert all("test_knn_top1" in r.data.metrics for r in distill)

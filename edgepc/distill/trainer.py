@@ -1,4 +1,5 @@
-"""Training a teacher (labels only) or distilling a student: α·CE + β·L_PC + Σ w·baseline.
+"""Training a teacher (labels only), distilling a student (α·CE + β·L_PC + Σ w·baseline) or
+fine-tuning a quantized one (+ γ·L_PC against its own fp32 embeddings).
 
 The teacher runs in eval mode without gradient; its logits and embeddings are computed once and
 reused every epoch when the data is not augmented. Each epoch ends in a checkpoint written
@@ -41,6 +42,7 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     alpha: float = 1.0
     beta: float = 0.0
+    gamma: float = 0.0  # weight of L_PC(student, fp32 reference), quantization fine-tuning
     pc: dict[str, object] = field(default_factory=dict)
     baselines: dict[str, dict[str, object]] = field(default_factory=dict)
     augment: bool = False
@@ -89,8 +91,8 @@ class _Objective(nn.Module):
 
     def __init__(self, config: TrainConfig, student_dim: int, teacher_dim: int | None) -> None:
         super().__init__()
-        self.alpha, self.beta = config.alpha, config.beta
-        self.pc = PerceptionCoherenceLoss(**config.pc) if config.beta else None
+        self.alpha, self.beta, self.gamma = config.alpha, config.beta, config.gamma
+        self.pc = PerceptionCoherenceLoss(**config.pc) if config.beta or config.gamma else None
         self.weights: dict[str, float] = {}
         self.baselines = nn.ModuleDict()
         for name, options in config.baselines.items():
@@ -100,7 +102,7 @@ class _Objective(nn.Module):
             self.baselines[name] = loss
         if not (self.alpha or self.pc is not None or self.baselines):
             raise TrainingError("nothing to train: alpha and beta are 0 and no baseline is set")
-        if (self.pc is not None or self.baselines) and teacher_dim is None:
+        if (self.beta or self.baselines) and teacher_dim is None:
             raise TrainingError("a distillation loss is configured but no teacher is given")
 
     @staticmethod
@@ -115,12 +117,15 @@ class _Objective(nn.Module):
         embeddings: Tensor,
         labels: Tensor,
         teacher: TeacherTargets | None,
+        reference: Tensor | None = None,
     ) -> dict[str, Tensor]:
         parts: dict[str, Tensor] = {}
         if self.alpha:
             parts["ce"] = self.alpha * F.cross_entropy(logits.float(), labels)
-        if self.pc is not None:
+        if self.beta:
             parts["pc"] = self.beta * self.pc(embeddings, teacher.embeddings)
+        if self.gamma:
+            parts["pc_fp32"] = self.gamma * self.pc(embeddings, reference)
         for name, loss in self.baselines.items():
             if loss.inputs == "logits":
                 value = loss(logits.float(), teacher.logits)
@@ -142,14 +147,22 @@ def train(
     checkpoint: Path | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    reference: Tensor | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` on uint8 ``images`` and ``labels``; returns the per-epoch history.
 
     A teacher comes either as ``cached`` outputs (no augmentation) or as a model run on each
-    (augmented) batch. ``on_epoch(epoch, metrics)`` is called after each finished epoch.
+    (augmented) batch; ``reference`` holds fp32 embeddings of each image for the γ term.
+    ``before_epoch(epoch)`` runs before each epoch (0-based, also after a resume);
+    ``evaluate()`` after each, its metrics joining the epoch's history (and checkpoint);
+    ``on_epoch(epoch, metrics)`` is called after each finished epoch.
     """
-    if config.augment and cached is not None:
-        raise TrainingError("cached teacher outputs cannot be used with augmentation")
+    if config.augment and (cached is not None or reference is not None):
+        raise TrainingError("cached teacher or reference outputs cannot be used with augmentation")
+    if config.gamma and reference is None:
+        raise TrainingError("gamma > 0 weighs L_PC against fp32 reference embeddings: give them")
     if teacher is not None and cached is None and not config.augment:
         cached = teacher_targets(teacher, images, norm, device)
     model.to(device).eval()
@@ -195,6 +208,8 @@ def train(
             ) from None
     use_amp = device.type == "cuda"
     for epoch in range(start_epoch, config.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         torch.manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(len(images), generator=gen)
@@ -224,7 +239,8 @@ def train(
                 targets = TeacherTargets(t_logits.float(), t_emb.float())
             with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
                 logits, embeddings = model(x)
-            parts = objective(logits, embeddings, y, targets)
+            ref = reference[idx].to(device) if reference is not None else None
+            parts = objective(logits, embeddings, y, targets, ref)
             loss = sum(parts.values())
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -244,6 +260,8 @@ def train(
         metrics = {f"loss_{k}": v / seen for k, v in sums.items()}
         metrics["loss"] = sum(sums.values()) / seen
         metrics["images_per_s"] = seen / (time.perf_counter() - started)
+        if evaluate is not None:
+            metrics |= evaluate()
         history.append(metrics)
         if checkpoint is not None:
             atomic_save(

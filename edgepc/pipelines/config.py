@@ -46,6 +46,7 @@ class TrainSection(Section):
     schedule: Literal["cosine", "constant"] = "cosine"
     alpha: float = Field(1.0, ge=0)
     beta: float = Field(0.0, ge=0)
+    gamma: float = Field(0.0, ge=0)  # L_PC against the fp32 student: the qat stage only
     pc: PCSection = PCSection()
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     augment: bool = False
@@ -80,6 +81,19 @@ class DistillSection(Section):
     pc_eval_limit: int | None = Field(5000, ge=3)
 
 
+class QATSection(Section):
+    """Quantization-aware fine-tuning of the distilled student for the pipeline's target:
+    α·CE + β·L_PC(int8 student, teacher) + γ·L_PC(int8 student, fp32 student), on a fixed
+    subset of ``train_limit`` training images; the last ``freeze_observers_epochs`` epochs keep
+    the activation scales fixed. ``plain_qat`` also runs β = γ = 0 (the ablation row)."""
+
+    train: TrainSection = TrainSection(epochs=2, lr=1e-4, alpha=1.0, beta=1.0, gamma=1.0)
+    train_limit: int | None = Field(10000, ge=10)
+    freeze_observers_epochs: int = Field(1, ge=0)
+    plain_qat: bool = True
+    pc_eval_limit: int | None = Field(5000, ge=3)
+
+
 class PipelineConfig(Section):
     name: str
     target: Literal["cpu", "mobile", "jetson"]
@@ -88,6 +102,7 @@ class PipelineConfig(Section):
     data: DataSection = DataSection()
     teacher: TeacherSection = TeacherSection()
     distill: DistillSection = DistillSection()
+    qat: QATSection = QATSection()
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

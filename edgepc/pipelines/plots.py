@@ -27,3 +27,38 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_qat(
+    curves: dict[str, list[dict[str, float]]],
+    references: dict[str, dict[str, float]],
+    path: Path,
+    title: str,
+) -> Path:
+    """Validation triplet agreement (vs the teacher) and top-1 through QAT fine-tuning, one line
+    per variant, with the fp32 student and PTQ as horizontal references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, key, label in zip(
+        axes,
+        ("pc_triplet_agreement", "top1"),
+        ("triplet agreement vs teacher", "top-1"),
+        strict=True,
+    ):
+        for name, history in curves.items():
+            epochs = range(1, len(history) + 1)
+            axis.plot(epochs, [h[f"val_{key}"] for h in history], marker="o", label=name)
+        for (name, row), style in zip(references.items(), ("--", ":"), strict=False):
+            axis.axhline(row[key], linestyle=style, color="gray", label=name)
+        axis.set(xlabel="QAT epoch", ylabel=f"val {label}", title=f"{title}: {label}")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

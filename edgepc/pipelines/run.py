@@ -1,6 +1,6 @@
 """``python -m edgepc.pipelines.run TARGET [--profile quick|full] [key=value ...]``.
 
-Runs data → teacher → distill for the target's config (``pipelines/TARGET.yaml``), skipping
+Runs data → teacher → distill → qat for the config (``pipelines/TARGET.yaml``), skipping
 stages whose inputs are unchanged, and ends with a summary table and where to see the runs.
 """
 
@@ -16,7 +16,15 @@ from edgepc.pipelines.config import PIPELINES, load_config
 from edgepc.pipelines.runner import PipelineReport, default_cache, run_pipeline
 
 TARGETS = ("cpu", "mobile", "jetson")
-KEY_METRICS = ("train_size", "test_top1", "test_knn_top1", "test_pc_triplet_agreement")
+KEY_METRICS = (
+    "train_size",
+    "test_top1",
+    "test_knn_top1",
+    "test_pc_triplet_agreement",
+    "ptq_test_top1",
+    "qat_test_top1",
+    "qat_test_pc_triplet_agreement",
+)
 
 
 def summary(report: PipelineReport) -> str:

@@ -25,6 +25,7 @@ from edgepc.pipelines.stages import (
     StageResult,
     data_stage,
     distill_stage,
+    qat_stage,
     teacher_stage,
 )
 from edgepc.tracking import Tracker, flatten, git_commit
@@ -44,6 +45,7 @@ STAGES = (
     Stage("data", data_stage, ("data", "seed"), ()),
     Stage("teacher", teacher_stage, ("teacher", "seed"), ("data",)),
     Stage("distill", distill_stage, ("distill", "seed"), ("data", "teacher")),
+    Stage("qat", qat_stage, ("qat", "target", "seed"), ("data", "teacher", "distill")),
 )
 
 

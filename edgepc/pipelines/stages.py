@@ -22,7 +22,8 @@ from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, tra
 from edgepc.errors import ModelError
 from edgepc.models import EmbeddingModel, build_model
 from edgepc.pipelines.config import PipelineConfig, TrainSection
-from edgepc.pipelines.plots import plot_history
+from edgepc.pipelines.plots import plot_history, plot_qat
+from edgepc.quant import finetune, quantized
 
 
 @dataclass(frozen=True)
@@ -218,3 +219,111 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
         metrics |= {f"{part}_{k}": v for k, v in scores.items()}
     files = {"model": "student.pt", "curves": "curves.png"}
     return StageResult(metrics, files, {"embedding_dim": bank.shape[1]})
+
+
+def _student(config: PipelineConfig, data: StageResult, distill: tuple[Path, StageResult]):
+    student = _build(config.distill.student, data)
+    student.model.load_state_dict(
+        torch.load(distill[0] / distill[1].files["model"], weights_only=True)
+    )
+    return student
+
+
+ROWS = {  # the before/after table, in order
+    "fp32": "fp32 student",
+    "ptq": "PTQ int8 (calibrated)",
+    "plain_qat": "QAT int8, β = γ = 0",
+    "qat": "QAT int8, coherence-keeping",
+}
+
+
+def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
+    data_dir, data = upstream["data"]
+    teacher_dir, teacher = upstream["teacher"]
+    prepared = prepare_data(config, data, data_dir)
+    outputs = torch.load(teacher_dir / teacher.files["outputs"], weights_only=True)
+    section, target, norm = config.qat, config.target, prepared.norm
+    fp32 = _student(config, data, upstream["distill"]).to(ctx.device)
+    images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
+    gen = torch.Generator().manual_seed(config.seed)
+    keep = torch.randperm(len(prepared.train), generator=gen)[: section.train_limit].sort().values
+
+    def split(part: str, x: torch.Tensor, y: torch.Tensor, rows: object = ...) -> finetune.Split:
+        fp32_embeddings = predict(fp32, x, norm, ctx.device)[1]
+        return finetune.Split(x, y, outputs[part]["embeddings"][rows], fp32_embeddings)
+
+    train_x = images[prepared.train][keep]
+    fit = split("train", train_x, labels[prepared.train][keep], keep)
+    val = split("val", images[prepared.val], labels[prepared.val])
+    test = split("test", prepared.dataset.test_images, prepared.dataset.test_labels)
+    calibration = images[prepared.calibration]
+
+    def scores(model: torch.nn.Module, part: finetune.Split) -> dict[str, float]:
+        return finetune.score(model, part, norm, ctx.device, section.pc_eval_limit)
+
+    torch.manual_seed(config.seed)
+    ptq = finetune.ptq(fp32, target, calibration, norm)
+    atomic_save(ptq.state_dict(), ctx.workdir / "ptq_student.pt")
+    models: dict[str, torch.nn.Module] = {"fp32": fp32, "ptq": quantized(ptq).to(ctx.device)}
+    curves: dict[str, list[dict[str, float]]] = {}
+    plain = section.train.model_copy(update={"beta": 0, "gamma": 0})
+    variants = ({"plain_qat": plain} if section.plain_qat else {}) | {"qat": section.train}
+    for name, train_section in variants.items():
+        torch.manual_seed(config.seed)
+        model, history = finetune.qat(
+            fp32,
+            target,
+            fit,
+            outputs["train"]["logits"][keep],
+            calibration,
+            norm,
+            TrainConfig(**train_section.model_dump(), seed=config.seed),
+            section.freeze_observers_epochs,
+            ctx.device,
+            checkpoint=ctx.workdir / f"{name}_training.pt",
+            evaluate=lambda m: {f"val_{k}": v for k, v in scores(m, val).items()},
+            on_epoch=lambda epoch, m, name=name: ctx.log(
+                {f"{name}_{k}": v for k, v in m.items()}, epoch
+            ),
+            progress=ctx.progress,
+        )
+        atomic_save(model.state_dict(), ctx.workdir / f"{name}_student.pt")
+        curves[name] = history
+        models[name] = quantized(model).to(ctx.device)
+    table = {name: scores(model, test) for name, model in models.items()}
+    start = {"fp32": scores(fp32, val), "ptq": scores(models["ptq"], val)}
+    plot_qat(curves, start, ctx.workdir / "triplet_agreement.png", f"{target} int8")
+    (ctx.workdir / "before_after.md").write_text(before_after(table, target))
+    metrics = {f"{name}_test_{k}": v for name, row in table.items() for k, v in row.items()}
+    for name, history in curves.items():  # the last epoch on the validation split (fake quant)
+        metrics |= {f"{name}_{k}": v for k, v in history[-1].items() if k.startswith("val_")}
+    files = {name: f"{name}_student.pt" for name in ("ptq", *variants)}
+    files |= {"table": "before_after.md", "plot": "triplet_agreement.png"}
+    return StageResult(metrics, files, {"target": target, "table": table})
+
+
+def before_after(table: dict[str, dict[str, float]], target: str) -> str:
+    """The markdown table of the qat stage: each model's test metrics and its change vs fp32."""
+    base = table["fp32"]
+    lines = [
+        f"# {target}: int8 vs the fp32 student (test split)",
+        "",
+        "int8 rows run the converted int8 graph (quantize/dequantize around each op), as the "
+        "runtimes will.",
+        "",
+        "| model | top-1 | Δ top-1 (points) | triplet agreement vs teacher | Δ | "
+        "spearman vs teacher | triplet agreement vs fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in ROWS.items():
+        if name not in table:
+            continue
+        row = table[name]
+        d_top1 = 100 * (row["top1"] - base["top1"])
+        d_triplet = row["pc_triplet_agreement"] - base["pc_triplet_agreement"]
+        lines.append(
+            f"| {label} | {row['top1']:.4f} | {d_top1:+.2f} | "
+            f"{row['pc_triplet_agreement']:.4f} | {d_triplet:+.4f} | "
+            f"{row['pc_spearman']:.4f} | {row['pc_triplet_agreement_fp32']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Writers of deployable artifacts, one per runtime (the export stage builds on these)."""

@@ -1,0 +1,133 @@
+"""A student with int8 quantization simulated in its graph, and the way to real int8.
+
+``prepare`` exports the fp32 student with torch.export (dynamic batch), then inserts fake-quant
+modules (QAT: batch norm still trains and is folded into the conv weights as it goes) or
+observers (PTQ: batch norm folded first, then calibration). ``convert`` turns either into the
+reference int8 graph (quantize/dequantize pairs around float ops) that the ONNX and LiteRT
+converters lower to int8 kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from edgepc.errors import QuantError
+from edgepc.models import EmbeddingModel
+from edgepc.quant.recipes import check_supported, quantizer
+
+MAX_BATCH = 4096
+
+
+class QuantModel(nn.Module):
+    """``forward(x) -> (logits, embedding)`` of the fake-quant graph, with working ``train()`` /
+    ``eval()``: an exported graph needs its batch-norm and dropout ops swapped, and observers
+    only run while training (and not at all once frozen)."""
+
+    def __init__(self, graph: torch.fx.GraphModule, target: str, qat: bool) -> None:
+        super().__init__()
+        self.graph = graph
+        self.target = target
+        self.qat = qat
+        self.observers_frozen = False
+        self.train(qat)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):  # fake quant is float32 arithmetic
+            logits, embedding = self.graph(x.float())
+        return logits, embedding
+
+    def train(self, mode: bool = True) -> QuantModel:
+        from torchao.quantization.pt2e import (
+            disable_observer,
+            enable_observer,
+            move_exported_model_to_eval,
+            move_exported_model_to_train,
+        )
+
+        self.training = mode
+        if self.qat:
+            (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph)
+            observe = mode and not self.observers_frozen
+            self.graph.apply(enable_observer if observe else disable_observer)
+        return self
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Tensor]) -> None:
+        """Run normalised ``batches`` through the eval-mode graph with observers on: PTQ's
+        calibration, and QAT's starting scales."""
+        from torchao.quantization.pt2e import enable_observer
+
+        mode = self.training
+        self.train(False)
+        self.graph.apply(enable_observer)
+        for x in batches:
+            self(x)
+        self.train(mode)
+
+    def freeze_observers(self) -> None:
+        """Keep the current scales for the rest of fine-tuning (weights still train)."""
+        self.observers_frozen = True
+        self.train(self.training)
+
+
+def prepare(model: EmbeddingModel, target: str, example: Tensor, qat: bool = True) -> QuantModel:
+    """A fake-quant copy of ``model`` for ``target``'s int8 recipe (the original is untouched).
+
+    ``example`` is a normalised input batch of at least 2 images (batch norm trains in QAT).
+    """
+    check_supported(model.model, target)
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+    model = copy.deepcopy(model).to("cpu").train(qat)
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
+        insert = prepare_qat_pt2e if qat else prepare_pt2e
+        graph = insert(exported.module(), quantizer(target, qat))
+    return QuantModel(graph, target, qat)
+
+
+def restore(
+    model: EmbeddingModel, target: str, example: Tensor, state: dict, qat: bool = True
+) -> QuantModel:
+    """A quantized model saved as ``QuantModel.state_dict()``, rebuilt on its fp32 student."""
+    quant = prepare(model, target, example, qat)
+    try:
+        quant.load_state_dict(state)
+    except (RuntimeError, KeyError) as error:
+        raise QuantError(
+            f"saved {target} int8 state does not fit this student ({type(error).__name__}): "
+            "it was made from another model or recipe; rerun the qat stage"
+        ) from None
+    if qat:  # scales are final once saved
+        quant.freeze_observers()
+    return quant
+
+
+def quantized(model: QuantModel) -> QuantModel:
+    """The int8 graph of ``model`` (see :func:`convert`) behind the same interface, for scoring
+    what the runtimes will execute. PTQ needs it: its prepared graph only observes."""
+    return QuantModel(convert(model), model.target, qat=False)
+
+
+def convert(model: QuantModel) -> torch.fx.GraphModule:
+    """The int8 reference graph (quantize → dequantize → float op → quantize ...), eval mode.
+
+    Quantized weights are not folded into int8 constants (``fold_quantize=False``): LiteRT's
+    converter needs the pattern, and the ONNX exporter turns it into QuantizeLinear nodes.
+    """
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    graph = copy.deepcopy(model.graph).cpu()
+    move_exported_model_to_eval(graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_pt2e(graph, fold_quantize=False)

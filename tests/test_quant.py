@@ -1,0 +1,222 @@
+"""Int8 recipes, QAT/PTQ and the conversion to real int8 artifacts, on real Fashion-MNIST."""
+
+import operator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgepc.coherence import perception_coherence_loss
+from edgepc.data import channel_stats, load_dataset, make_splits
+from edgepc.distill.evaluate import predict, top1
+from edgepc.distill.images import Normalisation
+from edgepc.distill.trainer import TrainConfig, train
+from edgepc.errors import QuantError, TrainingError
+from edgepc.export.writers import write_onnx, write_tflite
+from edgepc.models import EmbeddingModel, build_model
+from edgepc.quant import check_supported, convert, prepare, quantized, restore
+from edgepc.quant.finetune import Split, ptq, qat, score
+
+CPU = torch.device("cpu")
+QUANT_OPS = "quantized_decomposed"
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = load_dataset("fashion-mnist", download=False)
+    s = make_splits(d.train_labels, train_limit=1000, seed=0)
+    x, y = d.train_images[s.train], d.train_labels[s.train]
+    norm = Normalisation(*map(tuple, channel_stats(x)))
+    return x, y, d.test_images[:500], d.test_labels[:500], norm
+
+
+@pytest.fixture(scope="module")
+def models(data):
+    """A tiny teacher and a student distilled from it (class-aware), both trained here."""
+    x, y, _, _, norm = data
+    torch.manual_seed(0)
+    teacher = build_model("tiny_cnn")
+    train(teacher, x, y, norm, TrainConfig(epochs=4, lr=3e-3), CPU, progress=False)
+    torch.manual_seed(1)
+    student = build_model("tiny_cnn")
+    config = TrainConfig(epochs=4, lr=3e-3, beta=1.0)
+    train(student, x, y, norm, config, CPU, teacher=teacher, progress=False)
+    return teacher, student
+
+
+def split(model_pair, images, labels, norm):
+    teacher, student = model_pair
+    t = predict(teacher, images, norm, CPU)[1]
+    s = predict(student, images, norm, CPU)[1]
+    return Split(images, labels, t, s)
+
+
+def quant_nodes(graph: torch.fx.GraphModule) -> tuple[list, list]:
+    """(per-channel weight quantize nodes, per-tensor activation quantize nodes)."""
+    per_channel, per_tensor = [], []
+    for node in graph.graph.nodes:
+        name = str(node.target)
+        if QUANT_OPS in name and "quantize_per_channel" in name and "dequant" not in name:
+            per_channel.append(node)
+        elif QUANT_OPS in name and "quantize_per_tensor" in name and "dequant" not in name:
+            per_tensor.append(node)
+    return per_channel, per_tensor
+
+
+@pytest.mark.parametrize("target", ["jetson", "cpu", "mobile"])
+def test_recipe_specs_per_target(data, models, target):
+    x, _, _, _, norm = data
+    model = ptq(models[1], target, x[:128], norm)
+    graph = convert(model)
+    per_channel, per_tensor = quant_nodes(graph)
+    assert len(per_channel) == 5  # 3 convs + 2 linears, each weight per output channel
+    for node in per_channel:
+        _, scale, zero_point, axis, qmin, qmax, dtype = node.args
+        zp = operator.attrgetter(zero_point.target)(graph)
+        assert axis == 0
+        assert (qmin, qmax, dtype) == (-127, 127, torch.int8)
+        assert torch.all(zp == 0)
+        weight = operator.attrgetter(node.args[0].target)(graph)
+        assert operator.attrgetter(scale.target)(graph).numel() == weight.shape[0]
+    zero_points = [node.args[2] for node in per_tensor]
+    assert len(zero_points) >= 6
+    assert all(n.args[5] == torch.int8 for n in per_tensor)
+    if target == "jetson":  # TensorRT: symmetric activations, zero-point 0 everywhere
+        assert set(zero_points) == {0}
+    else:  # affine: post-ReLU tensors use the whole int8 range (zero-point -128)
+        assert -128 in zero_points
+
+
+def test_unsupported_layer_is_named():
+    class WithGelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.act = nn.GELU()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.act(self.conv(x))).flatten(1))
+
+    model = EmbeddingModel(WithGelu(), "pool")
+    with pytest.raises(QuantError, match=r"layer 'act' \(GELU\) has no int8 kernel in the jetson"):
+        prepare(model, "jetson", torch.randn(2, 1, 28, 28))
+    with pytest.raises(QuantError, match="no int8 recipe for target 'gpu'"):
+        check_supported(model.model, "gpu")
+    for name in ("tiny_cnn", "mobilenetv2_0.5", "shufflenetv2_0.5", "resnet18"):
+        check_supported(build_model(name).model, "mobile")  # the zoo's students pass
+
+
+def test_qat_fine_tuning_reduces_coherence_loss(data, models):
+    """β-only fine-tuning of the fake-quant student lowers L_PC against the teacher."""
+    x, y, _, _, norm = data
+    fit = split(models, x[:512], y[:512], norm)
+    teacher_logits = predict(models[0], x[:512], norm, CPU)[0]
+
+    def pc_loss(model):
+        embeddings = predict(model, fit.images, norm, CPU)[1]
+        return perception_coherence_loss(embeddings, fit.teacher).item()
+
+    torch.manual_seed(0)
+    start = prepare(models[1], "jetson", norm.apply(x[:8]))
+    start.calibrate([norm.apply(x[:256])])
+    config = TrainConfig(epochs=3, batch_size=64, lr=1e-3, alpha=0.0, beta=1.0)
+    tuned, history = qat(
+        models[1], "jetson", fit, teacher_logits, x[:256], norm, config, 1, CPU, progress=False
+    )
+    assert pc_loss(tuned) < 0.9 * pc_loss(start)
+    assert history[-1]["loss_pc"] < history[0]["loss_pc"]
+    # observers were frozen for the last epoch and stay frozen
+    scales = {k: v.clone() for k, v in tuned.state_dict().items() if k.endswith(".scale")}
+    tuned.train()
+    tuned(norm.apply(x[:64]) * 3)
+    assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in scales.items())
+
+
+def test_gamma_needs_fp32_reference(data, models):
+    x, y, _, _, norm = data
+    with pytest.raises(TrainingError, match="gamma > 0"):
+        train(build_model("tiny_cnn"), x[:64], y[:64], norm, TrainConfig(gamma=1.0), CPU)
+
+
+def test_restore_and_int8_graph_match_the_fake_quant_model(data, models):
+    x, y, tx, ty, norm = data
+    fit = split(models, x[:256], y[:256], norm)
+    teacher_logits = predict(models[0], x[:256], norm, CPU)[0]
+    config = TrainConfig(epochs=1, batch_size=64, lr=1e-4, beta=1.0, gamma=1.0)
+    model, _ = qat(
+        models[1], "cpu", fit, teacher_logits, x[:256], norm, config, 1, CPU, progress=False
+    )
+    example = norm.apply(tx[:8])
+    again = restore(models[1], "cpu", example, model.state_dict())
+    a, b = predict(model, tx, norm, CPU), predict(again, tx, norm, CPU)
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1], b[1])
+    int8 = quantized(model)  # batch norm folded, real quantize/dequantize ops
+    c = predict(int8, tx, norm, CPU)
+    assert (c[0] - a[0]).abs().max() < 0.05 * a[0].abs().max()
+    assert (c[0].argmax(1) == a[0].argmax(1)).double().mean() > 0.95
+    assert abs(top1(c[0], ty) - top1(a[0], ty)) <= 0.02  # a few one-step rounding flips
+    with pytest.raises(QuantError, match="does not fit this student"):
+        restore(build_model("mobilenetv2_0.5"), "cpu", example, model.state_dict())
+    scores = score(int8, split(models, tx, ty, norm), norm, CPU, pc_limit=300)
+    assert scores["pc_triplet_agreement_fp32"] > 0.9
+    assert scores["top1"] == top1(c[0], ty)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qat_mode", [False, True], ids=["ptq", "qat"])
+def test_int8_models_convert_to_real_int8_artifacts(tmp_path, data, models, qat_mode):
+    """Both PTQ and QAT models become a QDQ ONNX run by onnxruntime (symmetric for jetson) and a
+    full-integer .tflite run by the LiteRT interpreter, agreeing with the torch int8 graph."""
+    import onnx
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    x, y, tx, _, norm = data
+    fit = split(models, x[:256], y[:256], norm)
+    teacher_logits = predict(models[0], x[:256], norm, CPU)[0]
+    config = TrainConfig(epochs=1, batch_size=64, lr=1e-4, beta=1.0, gamma=1.0)
+
+    def make(target):
+        if not qat_mode:
+            return ptq(models[1], target, x[:256], norm)
+        args = (fit, teacher_logits, x[:256], norm, config, 1, CPU)
+        return qat(models[1], target, *args, progress=False)[0]
+
+    inputs = norm.apply(tx[:64])
+    for target in ("jetson", "mobile"):
+        graph = convert(make(target))
+        logits, embedding = (t.detach().numpy() for t in graph(inputs))
+        if target == "jetson":
+            path = write_onnx(graph, inputs[:2], tmp_path / "model.onnx")
+            proto = onnx.load(path)
+            ops = {n.op_type for n in proto.graph.node}
+            assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+            inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+            zps = [n.input[2] for n in proto.graph.node if n.op_type.endswith("QuantizeLinear")]
+            assert zps
+            assert all(not np.any(inits[z]) for z in zps)
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            ort_logits, ort_embedding = session.run(None, {"images": inputs.numpy()})
+            assert (ort_logits.argmax(1) == logits.argmax(1)).mean() >= 0.95
+            assert np.abs(ort_embedding - embedding).max() < 0.05 * np.abs(embedding).max()
+        else:
+            path = write_tflite(graph, inputs, tmp_path / "model.tflite", int8=True)
+            interpreter = Interpreter(str(path))
+            interpreter.allocate_tensors()
+            (inp,) = interpreter.get_input_details()
+            assert inp["dtype"] == np.int8  # full integer: int8 in, int8 out
+            scale, zero_point = inp["quantization"]
+            outs = interpreter.get_output_details()
+            assert all(o["dtype"] == np.int8 for o in outs)
+            predicted = []
+            for image in inputs[:32].numpy():
+                q = np.clip(np.round(image / scale) + zero_point, -128, 127).astype(np.int8)
+                interpreter.set_tensor(inp["index"], q[None])
+                interpreter.invoke()
+                out = min(outs, key=lambda o: o["shape"][-1])  # logits: 10 < embedding: 32
+                predicted.append(interpreter.get_tensor(out["index"])[0].argmax())
+            assert (np.array(predicted) == logits[:32].argmax(1)).mean() >= 0.9
