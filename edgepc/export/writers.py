@@ -8,12 +8,16 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.export import Dim
 
 from edgepc.errors import EdgepcError
+
+if TYPE_CHECKING:
+    import onnx
 
 INPUT = "images"
 OUTPUTS = ("logits", "embedding")
@@ -34,9 +38,50 @@ def _replace_atomically(tmp: Path, path: Path) -> Path:
     return path
 
 
+def drop_weight_clips(model: onnx.ModelProto) -> int:
+    """Remove the Clip that torch's exporter puts between a weight's QuantizeLinear and
+    DequantizeLinear (the ±127 weight range): TensorRT needs the pair adjacent, onnxruntime
+    fuses only adjacent pairs. The float weight is clamped to ±127·scale (+ zero-point) first,
+    which gives the same int8 values since the bounds are integers. Returns how many went."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    constants = {name: numpy_helper.to_array(i) for name, i in inits.items()}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    removed = []
+    for node in model.graph.node:
+        quantize = producers.get(node.input[0]) if node.op_type == "Clip" else None
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            continue
+        weight, scale, zero = (constants.get(name) for name in quantize.input[:3])
+        low, high = (constants.get(name) for name in node.input[1:3])
+        if any(v is None for v in (weight, scale, zero, low, high)) or uses[quantize.input[0]] > 1:
+            continue
+        axis = next((a.i for a in quantize.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.size > 1:
+            shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape).astype(np.float32)
+        clamped = np.clip(weight, (low - zero) * scale, (high - zero) * scale)
+        inits[quantize.input[0]].CopyFrom(numpy_helper.from_array(clamped, quantize.input[0]))
+        for user in model.graph.node:
+            user.input[:] = [node.input[0] if i == node.output[0] else i for i in user.input]
+        removed.append(node)
+    for node in removed:
+        model.graph.node.remove(node)
+    return len(removed)
+
+
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 18) -> Path:
-    """ONNX with a dynamic batch (torch's dynamo exporter); int8 graphs become QDQ ONNX."""
+    """ONNX with a dynamic batch (torch's dynamo exporter); int8 graphs become QDQ ONNX with
+    adjacent QuantizeLinear/DequantizeLinear pairs."""
     try:
+        import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's backend)
     except ImportError:
         raise _missing("onnxscript", "cpu") from None
@@ -56,6 +101,9 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int =
             external_data=False,
             verbose=False,
         )
+    proto = onnx.load(str(tmp))
+    if drop_weight_clips(proto):
+        onnx.save(proto, str(tmp))
     return _replace_atomically(tmp, path)
 
 
