@@ -3,8 +3,8 @@
     python benchmarks/qat_weights.py --target jetson --profile quick [key=value ...]
 
 Runs the pipeline once per (β, γ) of the grid (data, teacher and student are cached and shared)
-and writes ``benchmarks/results/qat_weights[_PROFILE].{json,md}``: validation top-1 and triplet
-agreement (vs teacher, vs fp32 student) of each QAT model after fine-tuning. The pick: the
+and writes ``benchmarks/results/qat_weights-TARGET-PROFILE.{json,md}``: validation top-1 and
+triplet agreement (vs teacher, vs fp32 student) of each QAT model after fine-tuning. The pick: the
 highest triplet agreement vs the teacher among settings within 0.5 top-1 points of the best.
 """
 
@@ -51,8 +51,7 @@ def main() -> None:
         (r for r in rows if r["val_top1"] >= best_top1 - 0.005),
         key=lambda r: r["val_pc_triplet_agreement"],
     )
-    suffix = f"_{args.profile}" if args.profile == "quick" else ""
-    name = f"qat_weights{suffix}"
+    name = f"qat_weights-{args.target}-{args.profile or 'default'}"
     record = {"target": args.target, "profile": args.profile, "overrides": args.overrides,
               "rows": rows, "pick": pick}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
