@@ -87,7 +87,7 @@ class QATSection(Section):
     subset of ``train_limit`` training images; the last ``freeze_observers_epochs`` epochs keep
     the activation scales fixed. ``plain_qat`` also runs β = γ = 0 (the ablation row)."""
 
-    train: TrainSection = TrainSection(epochs=2, lr=1e-4, alpha=1.0, beta=1.0, gamma=1.0)
+    train: TrainSection = TrainSection(epochs=2, lr=1e-4, alpha=1.0, beta=3.0, gamma=3.0)
     train_limit: int | None = Field(10000, ge=10)
     freeze_observers_epochs: int = Field(1, ge=0)
     plain_qat: bool = True
