@@ -16,22 +16,36 @@ def qdq_conv(
     after_q: str = "DequantizeLinear",
     extra: str | None = None,
     zp_dtype=np.int8,
+    weight_clip: bool = False,
 ):
-    """x -> Q -> DQ -> Conv(W: Q -> DQ per channel) -> Relu [-> extra op] -> y."""
+    """x -> Q -> DQ -> Conv(W: Q [-> Clip(±127)] -> DQ per channel) -> Relu [-> extra op] -> y;
+    with ``weight_clip`` the weights overflow ±127 · scale, as QAT's can."""
     w = np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32)
+    w = w * 2 if weight_clip else w
     inits = [
         numpy_helper.from_array(w, "w"),
         numpy_helper.from_array(np.array(0.1, np.float32), "x_scale"),
         numpy_helper.from_array(np.array(zero_point, zp_dtype), "x_zp"),
         numpy_helper.from_array(np.full(4, 0.01, np.float32), "w_scale"),
         numpy_helper.from_array(np.zeros(4, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(-127, np.int8), "lo"),
+        numpy_helper.from_array(np.array(127, np.int8), "hi"),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="q_x"),
         helper.make_node(after_q, ["xq", "x_scale", "x_zp"], ["xd"], name="dq_x"),
         helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zp"], ["wq"], name="q_w", axis=axis),
+        *(
+            [helper.make_node("Clip", ["wq", "lo", "hi"], ["wc"], name="clip")]
+            if weight_clip
+            else []
+        ),
         helper.make_node(
-            "DequantizeLinear", ["wq", "w_scale", "w_zp"], ["wd"], name="dq_w", axis=axis
+            "DequantizeLinear",
+            ["wc" if weight_clip else "wq", "w_scale", "w_zp"],
+            ["wd"],
+            name="dq_w",
+            axis=axis,
         ),
         helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv"),
         helper.make_node("Relu", ["c"], ["r" if extra else "y"], name="relu"),
@@ -80,35 +94,8 @@ def test_dropping_the_weight_clip_keeps_the_outputs(tmp_path):
 
     from edgepc.export.writers import drop_weight_clips
 
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32) * 2  # beyond 127 · scale
-    scale = np.full(4, 0.01, np.float32)
-    inits = [
-        numpy_helper.from_array(w, "w"),
-        numpy_helper.from_array(scale, "w_scale"),
-        numpy_helper.from_array(np.zeros(4, np.int8), "w_zp"),
-        numpy_helper.from_array(np.array(-127, np.int8), "lo"),
-        numpy_helper.from_array(np.array(127, np.int8), "hi"),
-        numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
-        numpy_helper.from_array(np.array(0, np.int8), "x_zp"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="q_x"),
-        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="dq_x"),
-        helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zp"], ["wq"], name="q_w", axis=0),
-        helper.make_node("Clip", ["wq", "lo", "hi"], ["wc"], name="clip"),
-        helper.make_node("DequantizeLinear", ["wc", "w_scale", "w_zp"], ["wd"], name="dq", axis=0),
-        helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    x = {"x": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)}
+    model = onnx.load(qdq_conv(tmp_path, weight_clip=True))
+    x = {"x": np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)}
     before = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
     assert drop_weight_clips(model) == 1
     assert "Clip" not in {n.op_type for n in model.graph.node}
