@@ -248,14 +248,14 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
     gen = torch.Generator().manual_seed(config.seed)
     keep = torch.randperm(len(prepared.train), generator=gen)[: section.train_limit].sort().values
 
-    def split(part: str, x: torch.Tensor, y: torch.Tensor, rows: object = ...) -> finetune.Split:
-        fp32_embeddings = predict(fp32, x, norm, ctx.device)[1]
-        return finetune.Split(x, y, outputs[part]["embeddings"][rows], fp32_embeddings)
+    def split(x: torch.Tensor, y: torch.Tensor, teacher_embeddings: torch.Tensor) -> finetune.Split:
+        return finetune.Split(x, y, teacher_embeddings, predict(fp32, x, norm, ctx.device)[1])
 
-    train_x = images[prepared.train][keep]
-    fit = split("train", train_x, labels[prepared.train][keep], keep)
-    val = split("val", images[prepared.val], labels[prepared.val])
-    test = split("test", prepared.dataset.test_images, prepared.dataset.test_labels)
+    train_x, train_y = images[prepared.train][keep], labels[prepared.train][keep]
+    fit = split(train_x, train_y, outputs["train"]["embeddings"][keep])
+    val = split(images[prepared.val], labels[prepared.val], outputs["val"]["embeddings"])
+    test = split(prepared.dataset.test_images, prepared.dataset.test_labels,
+                 outputs["test"]["embeddings"])  # fmt: skip
     calibration = images[prepared.calibration]
 
     def scores(model: torch.nn.Module, part: finetune.Split) -> dict[str, float]:
