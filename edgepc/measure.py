@@ -1,9 +1,10 @@
-"""Wall-clock and peak-memory measurement shared by benchmarks and validation."""
+"""Wall-clock, latency and peak-memory measurement shared by benchmarks and validation."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import multiprocessing
 import multiprocessing.connection
@@ -146,3 +147,51 @@ def median_seconds(
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Per-call wall-clock latency (ms) after ``warmup`` untimed calls, over ``iterations``."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    warmup: int
+    iterations: int
+
+    @property
+    def throughput(self) -> float:
+        """Calls per second at this latency, one call at a time."""
+        return 1000.0 / self.mean_ms
+
+    def as_dict(self) -> dict[str, float]:
+        return {**dataclasses.asdict(self), "throughput": self.throughput}
+
+
+def latency(fn: Callable[[], object], warmup: int = 20, iterations: int = 200) -> Latency:
+    """Time ``fn()`` call by call: the one timer of benchmarks and the validate stage.
+
+    Percentiles are linear interpolations of the sorted times (``statistics.quantiles``,
+    inclusive); run it with the runtime's thread count pinned, on an otherwise idle machine.
+    """
+    if iterations < 2:
+        raise ValueError(f"latency needs at least 2 timed iterations, got {iterations}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - start) / 1e6)
+    cuts = statistics.quantiles(times, n=100, method="inclusive")
+    return Latency(
+        p50_ms=cuts[49],
+        p90_ms=cuts[89],
+        p99_ms=cuts[98],
+        mean_ms=statistics.fmean(times),
+        std_ms=statistics.stdev(times),
+        warmup=warmup,
+        iterations=iterations,
+    )

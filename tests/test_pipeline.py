@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgepc.export.writers import ExportError
 from edgepc.pipelines.config import ConfigError, load_config, parse_override
 from edgepc.pipelines.run import main
-from edgepc.pipelines.runner import run_pipeline
+from edgepc.pipelines.runner import STAGES, run_pipeline
 from edgepc.tracking import Tracker
 from tests.conftest import free_port
 
@@ -29,6 +30,10 @@ SMALL = [
     "qat.train_limit=200",
     "qat.pc_eval_limit=300",
     "qat.plain_qat=false",
+    "export.ptq=false",
+    "export.parity_size=300",
+    "export.pc_eval_limit=300",
+    "validation.latency={warmup: 2, iterations: 20, threads: [1]}",
 ]
 
 
@@ -89,33 +94,76 @@ def test_override_values_are_yaml():
 def test_cache_hit_miss_and_invalidation(tmp_path, store):
     config = load_config("cpu", overrides=SMALL)
     first = run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in first.stages] == ["ran"] * 4
+    assert [s.stage for s in first.stages] == [stage.name for stage in STAGES]
+    assert [s.status for s in first.stages] == ["ran"] * 7
     assert first.stages[1].metrics["test_top1"] > 0.3
     assert 0.5 < first.stages[2].metrics["test_pc_triplet_agreement"] <= 1.0
     again = run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in again.stages] == ["cached"] * 4
+    assert [s.status for s in again.stages] == ["cached"] * 6 + ["ran"]  # register: every run
     assert again.stages[2].metrics == first.stages[2].metrics
     changed = load_config("cpu", overrides=[*SMALL, "distill.train.lr=0.002"])
     third = run_pipeline(changed, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in third.stages] == ["cached", "cached", "ran", "ran"]
+    assert [s.status for s in third.stages] == ["cached", "cached"] + ["ran"] * 5
     seeded = load_config("cpu", overrides=[*SMALL, "seed=1"])
     fourth = run_pipeline(seeded, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in fourth.stages] == ["ran"] * 4
+    assert [s.status for s in fourth.stages] == ["ran"] * 7
     # Another target shares data, teacher and student, and quantizes them its own way.
     jetson = load_config("jetson", overrides=SMALL)
     fifth = run_pipeline(jetson, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in fifth.stages] == ["cached", "cached", "cached", "ran"]
+    assert [s.status for s in fifth.stages] == ["cached"] * 3 + ["ran"] * 4
     qat = fifth.stages[3].metrics
     assert qat["fp32_test_top1"] == first.stages[2].metrics["test_top1"]
     assert abs(qat["qat_test_top1"] - qat["fp32_test_top1"]) < 0.05
     assert qat["qat_test_pc_triplet_agreement_fp32"] > 0.9
-    # MLflow holds a parent and four children per invocation, with the stage's metrics.
+    # MLflow holds a parent and seven children per invocation, with the stage's metrics.
     runs = store.client.search_runs([store.experiment_id], max_results=100)
-    assert len(runs) == 5 * 5
+    assert len(runs) == 5 * 8
     distill = [r for r in runs if r.data.tags.get("edgepc.stage") == "distill"]
     assert {r.data.tags["edgepc.status"] for r in distill} == {"ran", "cached"}
     assert all("test_knn_top1" in r.data.metrics for r in distill)
     assert all(len(r.data.tags["edgepc.dataset_fingerprint"]) == 64 for r in distill)
+
+
+def test_export_validate_register_end_to_end(tmp_path, store):
+    """Bundles that run in onnxruntime as in PyTorch, their runtime scores, and registry
+    aliases that a rerun moves without piling up versions."""
+    from edgepc.export.bundle import read_manifest
+
+    cache = tmp_path / "cache"
+    config = load_config("cpu", overrides=SMALL)
+    first = run_pipeline(config, cache, store, progress=False, echo=lambda _: None)
+    export, validate, register = first.stages[4:]
+    assert export.metrics["fp32_parity_top1_agreement"] == 1.0
+    assert export.metrics["int8_parity_top1_agreement"] >= 0.95
+    distill_top1 = first.stages[2].metrics["test_top1"]
+    assert validate.metrics["fp32_test_top1"] == pytest.approx(distill_top1, abs=2e-4)
+    assert validate.metrics["int8_drop_points"] <= 1.0
+    assert validate.metrics["int8_size_mb"] < 0.5 * validate.metrics["fp32_size_mb"]
+    assert "| cpu-int8 |" in first.artifacts
+    assert "@cpu-int8" in first.artifacts
+    client = store.client
+    model = client.get_registered_model("edgepc-cpu")
+    assert set(model.aliases) == {"cpu-fp32", "cpu-int8"}
+    int8 = client.get_model_version_by_alias("edgepc-cpu", "cpu-int8")
+    assert int8.tags["edgepc.precision"] == "int8"
+    assert "edgepc.test_top1" in int8.tags
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/edgepc-cpu@cpu-int8"))
+    manifest = read_manifest(local)  # the registered copy is a complete, verified bundle
+    assert manifest.name == "cpu-int8"
+    assert manifest.mlflow_run_id == export.run_id
+    # Same files again: the aliases stay on the same versions.
+    again = run_pipeline(config, cache, store, progress=False, echo=lambda _: None)
+    assert again.stages[6].metrics == register.metrics
+    assert len(client.search_model_versions("name = 'edgepc-cpu'")) == 2
+    # Parity bounds no export can meet: the stage fails with the table of what differs.
+    bounds = "{top1_agreement: 1, max_logit_delta: 0, pc_triplet_agreement: 1}"
+    strict = load_config("cpu", overrides=[*SMALL, f"export.fp32_parity={bounds}"])
+    with pytest.raises(ExportError, match=r"parity with PyTorch failed for cpu-fp32") as error:
+        run_pipeline(strict, cache, store, progress=False, echo=lambda _: None)
+    assert "| cpu-fp32 | 1.0000 |" in str(error.value)
+    assert "max_logit_delta" in str(error.value)
 
 
 def test_cli_reports_config_errors_in_one_line(capsys):

@@ -17,6 +17,7 @@ def qdq_conv(
     extra: str | None = None,
     zp_dtype=np.int8,
     weight_clip: bool = False,
+    per_tensor_weights: bool = False,
 ):
     """x -> Q -> DQ -> Conv(W: Q [-> Clip(±127)] -> DQ per channel) -> Relu [-> extra op] -> y;
     with ``weight_clip`` the weights overflow ±127 · scale, as QAT's can."""
@@ -26,8 +27,10 @@ def qdq_conv(
         numpy_helper.from_array(w, "w"),
         numpy_helper.from_array(np.array(0.1, np.float32), "x_scale"),
         numpy_helper.from_array(np.array(zero_point, zp_dtype), "x_zp"),
-        numpy_helper.from_array(np.full(4, 0.01, np.float32), "w_scale"),
-        numpy_helper.from_array(np.zeros(4, np.int8), "w_zp"),
+        numpy_helper.from_array(
+            np.full(() if per_tensor_weights else 4, 0.01, np.float32), "w_scale"
+        ),
+        numpy_helper.from_array(np.zeros(() if per_tensor_weights else 4, np.int8), "w_zp"),
         numpy_helper.from_array(np.array(-127, np.int8), "lo"),
         numpy_helper.from_array(np.array(127, np.int8), "hi"),
     ]
@@ -80,6 +83,7 @@ def test_a_clean_qdq_graph_passes(tmp_path):
         ({"extra": "Erf"}, r"node 'odd' \(Erf\): op not in the TensorRT"),
         ({"extra": "ConvInteger"}, r"node 'odd' \(ConvInteger\): integer \(QOperator\) op"),
         ({"zp_dtype": np.uint8}, r"node 'q_x' .*zero-point is uint8"),
+        ({"per_tensor_weights": True}, r"node 'dq_w' .*weights of 'conv' quantized per tensor"),
     ],
 )
 def test_each_broken_rule_names_the_node(tmp_path, kwargs, message):

@@ -35,6 +35,9 @@ SUPPORTED = {
 }  # fmt: skip
 
 
+WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}  # input 1: the weights
+
+
 class TensorRTCheckError(ExportError):
     """The ONNX graph breaks a rule of TensorRT's explicit quantization."""
 
@@ -87,6 +90,14 @@ def check_onnx(path: Path) -> dict[str, int]:
             users = consumers.get(node.output[0], [])
             if not users or any(u.op_type != "DequantizeLinear" for u in users):
                 fail(node, "QuantizeLinear must feed only DequantizeLinear (a Q/DQ pair)")
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:  # weights: per output channel
+        weight = producers.get(node.input[1]) if node.op_type in WEIGHTED else None
+        if weight is not None and weight.op_type == "DequantizeLinear":
+            scale = constants.get(weight.input[1])
+            if scale is not None and scale.ndim == 0:
+                fail(weight, f"weights of {node.name!r} quantized per tensor; TensorRT wants "
+                     "per-channel weight scales (axis 0)")  # fmt: skip
     if not counts["quantize"]:
         raise TensorRTCheckError(f"{path.name}: no QuantizeLinear: the graph is not int8")
     return counts

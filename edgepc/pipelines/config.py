@@ -94,6 +94,53 @@ class QATSection(Section):
     pc_eval_limit: int | None = Field(5000, ge=3)
 
 
+class ParityBounds(Section):
+    """How closely an exported file must reproduce its PyTorch model (see edgepc.export.parity)."""
+
+    top1_agreement: float = Field(ge=0, le=1)
+    max_logit_delta: float = Field(ge=0)  # relative to the largest |logit| of the reference
+    pc_triplet_agreement: float = Field(ge=0, le=1)
+
+
+class ExportSection(Section):
+    """The target's files: fp32 and int8 (the coherence-keeping QAT model; with ``ptq`` the
+    PTQ model too, for comparison), each checked against PyTorch on ``parity_size`` test images."""
+
+    ptq: bool = True
+    parity_size: int = Field(1000, ge=10)
+    fp32_parity: ParityBounds = ParityBounds(
+        top1_agreement=0.999, max_logit_delta=1e-3, pc_triplet_agreement=0.99
+    )
+    int8_parity: ParityBounds = ParityBounds(
+        top1_agreement=0.95, max_logit_delta=0.15, pc_triplet_agreement=0.9
+    )
+    pc_eval_limit: int = Field(5000, ge=3)  # teacher embeddings in the bundle: pc_* on these
+
+
+class LatencySection(Section):
+    """Batch-1 latency in the runtime: ``warmup`` untimed calls, then ``iterations`` timed ones,
+    once per thread count."""
+
+    warmup: int = Field(20, ge=0)
+    iterations: int = Field(300, ge=2)
+    threads: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+
+
+class ValidateSection(Section):
+    """Every artifact on the full test set in its runtime; ``max_drop``: the most top-1 (in
+    points) an artifact may lose against the fp32 PyTorch student before the pipeline fails."""
+
+    max_drop: float = Field(1.0, ge=0)
+    latency: LatencySection = LatencySection()
+
+
+class RegisterSection(Section):
+    """Passing artifacts go to the MLflow model registry as versions of ``model`` (default
+    ``edgepc-<pipeline name>``), each under the alias ``<target>-<precision>``."""
+
+    model: str | None = None
+
+
 class PipelineConfig(Section):
     name: str
     target: Literal["cpu", "mobile", "jetson"]
@@ -103,6 +150,9 @@ class PipelineConfig(Section):
     teacher: TeacherSection = TeacherSection()
     distill: DistillSection = DistillSection()
     qat: QATSection = QATSection()
+    export: ExportSection = ExportSection()
+    validation: ValidateSection = ValidateSection()
+    registry: RegisterSection = RegisterSection()
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -62,3 +62,37 @@ def plot_qat(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_validation(
+    rows: dict[str, dict[str, float]], threads: list[int], path: Path, title: str
+) -> Path:
+    """Per artifact: batch-1 latency p50 (bar) to p99 (whisker) per thread count, and top-1
+    against size on disk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = list(rows)
+    fig, (speed, accuracy) = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(threads)
+    for i, count in enumerate(threads):
+        p50 = [rows[n][f"p50_ms_{count}t"] for n in names]
+        p99 = [rows[n][f"p99_ms_{count}t"] for n in names]
+        where = [j + i * width for j in range(len(names))]
+        speed.bar(where, p50, width, label=f"{count} thread{'s' * (count > 1)}")
+        speed.errorbar(where, p50, yerr=[[0] * len(names), [b - a for a, b in zip(p50, p99,
+                       strict=True)]], fmt="none", ecolor="black", capsize=3)  # fmt: skip
+    speed.set_xticks([j + width * (len(threads) - 1) / 2 for j in range(len(names))], names)
+    speed.set(ylabel="ms per image (p50, whisker p99)", title=title)
+    speed.legend()
+    for name in names:
+        accuracy.scatter(rows[name]["size_mb"], rows[name]["test_top1"], s=40)
+        accuracy.annotate(name, (rows[name]["size_mb"], rows[name]["test_top1"]), fontsize=8,
+                          xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    accuracy.set(xlabel="size on disk (MB)", ylabel="top-1 (test)", title="accuracy vs size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

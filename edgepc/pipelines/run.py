@@ -1,7 +1,8 @@
 """``python -m edgepc.pipelines.run TARGET [--profile quick|full] [key=value ...]``.
 
-Runs data → teacher → distill → qat for the config (``pipelines/TARGET.yaml``), skipping
-stages whose inputs are unchanged, and ends with a summary table and where to see the runs.
+Runs data → teacher → distill → qat → export → validate → register for the config
+(``pipelines/TARGET.yaml``), skipping stages whose inputs are unchanged, and ends with a summary
+table (every artifact with its accuracy, coherence, latency and size) and where to see the runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ KEY_METRICS = (
     "ptq_test_top1",
     "qat_test_top1",
     "qat_test_pc_triplet_agreement",
+    "int8_parity_top1_agreement",
+    "fp32_test_top1",
+    "int8_test_top1",
+    "int8_drop_points",
+    "int8_p50_ms_1t",
+    "int8_version",
 )
 
 
@@ -36,6 +43,8 @@ def summary(report: PipelineReport) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if report.artifacts:
+        lines += ["", report.artifacts.rstrip()]
     where = report.tracking_uri
     lines.append(f"\n{report.name}: MLflow parent run {report.run_id} in {where}")
     if not where.startswith("http"):

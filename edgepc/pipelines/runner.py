@@ -20,6 +20,7 @@ from edgepc import __version__
 from edgepc.data.datasets import data_home
 from edgepc.hardware import describe, pick_device
 from edgepc.pipelines.config import PipelineConfig
+from edgepc.pipelines.deploy import export_stage, register_stage, validate_stage
 from edgepc.pipelines.stages import (
     StageContext,
     StageResult,
@@ -39,6 +40,7 @@ class Stage:
     run: StageFn
     sections: tuple[str, ...]  # config sections (and top-level keys) it depends on
     upstream: tuple[str, ...]
+    cached: bool = True  # False: runs every time (its effect lives outside the cache)
 
 
 STAGES = (
@@ -46,6 +48,9 @@ STAGES = (
     Stage("teacher", teacher_stage, ("teacher", "seed"), ("data",)),
     Stage("distill", distill_stage, ("distill", "seed"), ("data", "teacher")),
     Stage("qat", qat_stage, ("qat", "target", "seed"), ("data", "teacher", "distill")),
+    Stage("export", export_stage, ("export", "target"), ("data", "teacher", "distill", "qat")),
+    Stage("validate", validate_stage, ("validation",), ("distill", "export")),
+    Stage("register", register_stage, ("registry", "name"), ("export", "validate"), False),
 )
 
 
@@ -64,6 +69,7 @@ class PipelineReport:
     run_id: str
     tracking_uri: str
     stages: list[StageReport]
+    artifacts: str = ""  # the validate stage's table (with the registry's versions)
 
 
 def default_cache() -> Path:
@@ -123,7 +129,7 @@ def run_pipeline(
         for stage in STAGES:
             keys[stage.name] = stage_key(stage, config, [keys[u] for u in stage.upstream])
             workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
-            result = _load_result(workdir)
+            result = _load_result(workdir) if stage.cached else None
             params = flatten({s: dumped[s] for s in stage.sections}, f"{stage.name}.")
             stage_tags = {**tags, "edgepc.stage": stage.name, "edgepc.cache_key": keys[stage.name]}
             if "data" in done:
@@ -133,16 +139,17 @@ def run_pipeline(
             with tracker.run(stage.name, {**stage_tags, "edgepc.status": status}, params) as rid:
                 if result is None:
                     workdir.mkdir(parents=True, exist_ok=True)
-                    ctx = StageContext(
-                        workdir, device, lambda m, step: tracker.log_metrics(m, step), progress
-                    )
+                    log = lambda m, step: tracker.log_metrics(m, step)  # noqa: E731
+                    ctx = StageContext(workdir, device, log, progress, rid, tracker)
                     upstream = {u: done[u] for u in stage.upstream}
                     echo(f"[{stage.name}] running in {workdir}")
                     result = stage.run(config, upstream, ctx)
                     _save_result(workdir, result)
                     for name in result.files.values():
                         path = workdir / name
-                        if path.stat().st_size < 64 * 2**20:
+                        if path.is_dir():
+                            tracker.log_artifacts(path, f"{stage.name}/{name}")
+                        elif path.stat().st_size < 64 * 2**20:
                             tracker.log_artifact(path, stage.name)
                 else:
                     echo(f"[{stage.name}] cached: {workdir}")
@@ -153,4 +160,18 @@ def run_pipeline(
             seconds = time.perf_counter() - started
             reports.append(StageReport(stage.name, status, seconds, result.metrics, rid))
         tracker.log_metrics({f"{r.stage}.{k}": v for r in reports for k, v in r.metrics.items()})
-    return PipelineReport(config.name, parent, tracker.uri, reports)
+    return PipelineReport(config.name, parent, tracker.uri, reports, artifacts_table(done))
+
+
+def artifacts_table(done: dict[str, tuple[Path, StageResult]]) -> str:
+    """Every artifact with its runtime accuracy, coherence, latency and size, and where it is."""
+    if "validate" not in done:
+        return ""
+    table = str(done["validate"][1].facts["table"])
+    export_dir = done["export"][0]
+    lines = [table.rstrip(), "", f"bundles: {export_dir}/<artifact>"]
+    if "register" in done:
+        facts = done["register"][1].facts
+        aliases = ", ".join(f"@{a} (v{v})" for a, v in facts["versions"].items())
+        lines.append(f"registered as {facts['model']}: {aliases}")
+    return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -32,6 +33,24 @@ class StageContext:
     device: torch.device
     log: Callable[[dict[str, float], int | None], None]
     progress: bool = True
+    run_id: str | None = None  # the stage's MLflow run
+    registry: Registry | None = None
+
+
+class Registry(Protocol):
+    """The model registry as the register stage sees it (the runner binds it to MLflow)."""
+
+    def register(
+        self,
+        model: str,
+        alias: str,
+        folder: Path,
+        digest: str,
+        tags: dict[str, str],
+        description: str,
+    ) -> str:
+        """Make ``folder`` a version of ``model`` (reusing the version of the same ``digest``)
+        and point ``alias`` at it; returns the version."""
 
 
 @dataclass
@@ -221,7 +240,10 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
     return StageResult(metrics, files, {"embedding_dim": bank.shape[1]})
 
 
-def _student(config: PipelineConfig, data: StageResult, distill: tuple[Path, StageResult]):
+def build_student(
+    config: PipelineConfig, data: StageResult, distill: tuple[Path, StageResult]
+) -> EmbeddingModel:
+    """The distill stage's fp32 student, loaded."""
     student = _build(config.distill.student, data)
     student.model.load_state_dict(
         torch.load(distill[0] / distill[1].files["model"], weights_only=True)
@@ -243,7 +265,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
     prepared = prepare_data(config, data, data_dir)
     outputs = torch.load(teacher_dir / teacher.files["outputs"], weights_only=True)
     section, target, norm = config.qat, config.target, prepared.norm
-    fp32 = _student(config, data, upstream["distill"]).to(ctx.device)
+    fp32 = build_student(config, data, upstream["distill"]).to(ctx.device)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
     gen = torch.Generator().manual_seed(config.seed)
     keep = torch.randperm(len(prepared.train), generator=gen)[: section.train_limit].sort().values

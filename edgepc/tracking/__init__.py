@@ -129,6 +129,47 @@ class Tracker:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=folder)
 
+    def log_artifacts(self, path: Path, folder: str) -> None:
+        """Every file under the folder ``path``, as artifacts under ``folder``."""
+        self.mlflow.log_artifacts(str(path), artifact_path=folder)
+
+    def register(
+        self,
+        model: str,
+        alias: str,
+        folder: Path,
+        digest: str,
+        tags: Mapping[str, str],
+        description: str,
+    ) -> str:
+        """``folder`` as a version of the registered ``model`` with ``alias`` pointing at it.
+
+        A version already registered with the same ``edgepc.sha256`` tag is reused (a rerun
+        moves the alias, it does not pile up copies); otherwise the folder is logged to the
+        open run under ``registry/<alias>`` and becomes a new version. Returns the version.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(model)
+        except MlflowException:
+            self.client.create_registered_model(model, description="edgepc deployable artifacts")
+        found = self.client.search_model_versions(
+            f"name = '{model}' and tags.`edgepc.sha256` = '{digest}'"
+        )
+        if found:
+            version = str(max(int(v.version) for v in found))
+        else:
+            run = self.mlflow.active_run()
+            self.log_artifacts(folder, f"registry/{alias}")
+            created = self.client.create_model_version(
+                model, f"runs:/{run.info.run_id}/registry/{alias}", run_id=run.info.run_id,
+                tags=dict(tags), description=description,
+            )  # fmt: skip
+            version = str(created.version)
+        self.client.set_registered_model_alias(model, alias, version)
+        return version
+
 
 def _alive(pid: int) -> bool:
     try:

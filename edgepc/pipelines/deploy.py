@@ -1,0 +1,234 @@
+"""The deployment stages: export (bundles + parity with PyTorch), validate (every bundle in its
+real runtime: accuracy, coherence, latency, size; the accuracy gate), register (MLflow model
+registry, one alias per target and precision)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgepc.coherence import coherence_metrics
+from edgepc.errors import EdgepcError
+from edgepc.export.bundle import (
+    TESTSET,
+    BundleError,
+    Engine,
+    Normalise,
+    file_entry,
+    read_manifest,
+    trtexec_command,
+    write_bundle,
+    write_manifest,
+    write_testset,
+)
+from edgepc.export.parity import parity, parity_table, violations
+from edgepc.export.runtimes import normalise, open_runtime
+from edgepc.export.writers import ExportError
+from edgepc.measure import latency
+from edgepc.pipelines.config import PipelineConfig
+from edgepc.pipelines.plots import plot_validation
+from edgepc.pipelines.stages import StageContext, StageResult, build_student, prepare_data
+from edgepc.quant import convert, restore
+
+DEVICES = Path(__file__).resolve().parents[2] / "devices"
+SOURCES = {"fp32": "fp32", "int8": "qat", "int8-ptq": "ptq"}  # artifact -> PyTorch model
+
+
+class ValidationGateError(EdgepcError):
+    """An artifact loses more accuracy in its runtime than the pipeline allows."""
+
+
+def _bundle_names(config: PipelineConfig) -> list[str]:
+    return [f"{config.target}-{a}" for a in SOURCES if a != "int8-ptq" or config.export.ptq]
+
+
+def _engine(target: str, folder: Path, input_shape: list[int], int8: bool) -> Engine | None:
+    """Jetson: the TensorRT build, here when tensorrt and a GPU exist, else on the device."""
+    if target != "jetson":
+        return None
+    script = DEVICES / "jetson" / "build_engine.py"
+    commands = {
+        "trtexec": trtexec_command(folder.name, input_shape, int8),
+        "python": f"python3 devices/jetson/build_engine.py {folder.name}",
+    }
+    if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+        return Engine(status="deferred to device", **commands)
+    command = [sys.executable, str(script), str(folder)]
+    built = subprocess.run(command, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise ExportError(f"TensorRT build failed for {folder.name}: {built.stderr.strip()}")
+    return Engine(status="built", path="model.engine", **commands)
+
+
+def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
+    data_dir, data = upstream["data"]
+    teacher_dir, teacher = upstream["teacher"]
+    qat_dir, qat = upstream["qat"]
+    prepared = prepare_data(config, data, data_dir)
+    section, target = config.export, config.target
+    test_images = prepared.dataset.test_images.numpy()
+    teacher_test = torch.load(teacher_dir / teacher.files["outputs"], weights_only=True)["test"]
+    testset = write_testset(
+        ctx.workdir / TESTSET,
+        test_images,
+        prepared.dataset.test_labels.numpy(),
+        teacher_test["embeddings"][: section.pc_eval_limit].numpy(),
+    )
+    norm = Normalise(mean=data.facts["mean"], std=data.facts["std"])
+    x = normalise(test_images[: section.parity_size], norm.mean, norm.std)
+    example = torch.from_numpy(x[:2])
+    fp32 = build_student(config, data, upstream["distill"]).eval()
+    rows, failures, bundles = {}, {}, []
+    for name in tqdm(_bundle_names(config), desc="export", disable=not ctx.progress):
+        source = SOURCES[name.removeprefix(f"{target}-")]
+        model: torch.nn.Module = fp32
+        if source != "fp32":
+            state = torch.load(qat_dir / qat.files[source], weights_only=True)
+            model = convert(restore(fp32, target, example, state, qat=source == "qat"))
+        folder = ctx.workdir / name
+        manifest = write_bundle(folder, model, example, target, source, testset, norm,
+                                data.facts["classes"], ctx.run_id)  # fmt: skip
+        with torch.no_grad():
+            reference = tuple(t.numpy() for t in model(torch.from_numpy(x)))
+        rows[name] = parity(reference, open_runtime(folder / manifest.model).predict(x))
+        bounds = section.int8_parity if manifest.precision == "int8" else section.fp32_parity
+        if broken := violations(rows[name], bounds):
+            failures[name] = broken
+        engine = _engine(target, folder, list(x.shape), manifest.precision == "int8")
+        if engine is not None:
+            files = manifest.files + ([file_entry(folder / engine.path)] if engine.path else [])
+            write_manifest(manifest.model_copy(update={"engine": engine, "files": files}), folder)
+        bundles.append(name)
+    table = parity_table(rows, failures)
+    (ctx.workdir / "parity.md").write_text(
+        f"# {target}: exported files vs their PyTorch models ({len(x)} test images)\n\n{table}"
+    )
+    if failures:
+        raise ExportError(
+            f"parity with PyTorch failed for {', '.join(failures)} (bounds: export.fp32_parity, "
+            f"export.int8_parity; table in {ctx.workdir / 'parity.md'}):\n{table}"
+        )
+    metrics = {f"{_key(n, target)}_parity_{k}": v for n, r in rows.items() for k, v in r.items()}
+    files = {name: name for name in bundles} | {"parity": "parity.md"}
+    return StageResult(metrics, files, {"bundles": bundles, "parity": rows})
+
+
+def _key(bundle: str, target: str) -> str:
+    """Metric prefix of a bundle: fp32, int8, int8_ptq (the same for every target)."""
+    return bundle.removeprefix(f"{target}-").replace("-", "_")
+
+
+def validate_bundle(
+    folder: Path, threads: list[int], warmup: int, iterations: int, progress: bool = False
+) -> dict[str, float]:
+    """One bundle in its runtime: top-1 on its whole test set, pc_* of its embeddings vs the
+    teacher's, batch-1 latency per thread count (``p50_ms_1t`` ...), size on disk."""
+    manifest = read_manifest(folder)
+    with np.load(folder / manifest.testset) as test:
+        images, labels, teacher = test["images"], test["labels"], test["teacher_embeddings"]
+    norm = manifest.normalisation
+    x = normalise(images, norm.mean, norm.std)
+    model = folder / manifest.model
+    runtime = open_runtime(model, max(threads))
+    logits, embeddings = runtime.predict(x, progress=progress, desc=manifest.name)
+    n = len(teacher)
+    pc = coherence_metrics(torch.from_numpy(embeddings[:n]).double(),
+                           torch.from_numpy(teacher).double())  # fmt: skip
+    row = {"test_top1": float((logits.argmax(1) == labels).mean())}
+    row |= {f"test_{k}": v for k, v in pc.as_dict().items()}
+    for count in threads:
+        timed = latency(partial(open_runtime(model, count).run, x[:1]), warmup, iterations)
+        row |= {f"{k}_{count}t": v for k, v in timed.as_dict().items() if k.endswith("ms")}
+        row[f"throughput_{count}t"] = timed.throughput
+    row["size_mb"] = manifest.entry(manifest.model).bytes / 2**20
+    return row
+
+
+def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
+    export_dir, export = upstream["export"]
+    fp32_top1 = upstream["distill"][1].metrics["test_top1"]
+    section, target = config.validation, config.target
+    rows = {}
+    for name in tqdm(export.facts["bundles"], desc="validate", disable=not ctx.progress):
+        rows[name] = validate_bundle(export_dir / name, section.latency.threads,
+                                     section.latency.warmup, section.latency.iterations,
+                                     ctx.progress)  # fmt: skip
+        rows[name]["drop_points"] = 100 * (fp32_top1 - rows[name]["test_top1"])
+    threads = section.latency.threads
+    table = validation_table(rows, fp32_top1, threads, section.max_drop)
+    if target == "jetson":
+        table += (
+            "\nLatency here is onnxruntime on this machine's CPU, a stand-in: the TensorRT "
+            "engine is built and timed on the device (`engine` in each manifest.json).\n"
+        )
+    (ctx.workdir / "validation.md").write_text(
+        f"# {target}: every artifact in its runtime (full test split)\n\n{table}"
+    )
+    (ctx.workdir / "validation.json").write_text(json.dumps(rows, indent=2))
+    plot_validation(rows, threads, ctx.workdir / "validation.png", f"{target}: batch 1")
+    failing = {n: r for n, r in rows.items() if r["drop_points"] > section.max_drop}
+    if failing:
+        worst = max(failing, key=lambda n: failing[n]["drop_points"])
+        raise ValidationGateError(
+            f"{worst} loses {failing[worst]['drop_points']:.2f} top-1 points in its runtime vs "
+            f"the fp32 student ({fp32_top1:.4f}), more than validation.max_drop = "
+            f"{section.max_drop} ({len(failing)} failing; table: {ctx.workdir / 'validation.md'})"
+        )
+    metrics = {f"{_key(n, target)}_{k}": v for n, row in rows.items() for k, v in row.items()}
+    files = {"table": "validation.md", "report": "validation.json", "plot": "validation.png"}
+    return StageResult(metrics, files, {"rows": rows, "table": table})
+
+
+def validation_table(
+    rows: dict[str, dict[str, float]], fp32_top1: float, threads: list[int], max_drop: float
+) -> str:
+    """Markdown: per artifact top-1, its drop vs the fp32 student, coherence, latency, size."""
+    timing = " | ".join(f"p50 / p99 ms ({t} thr)" for t in threads)
+    lines = [
+        f"fp32 PyTorch student: top-1 {fp32_top1:.4f}; gate: drop ≤ {max_drop} points",
+        "",
+        f"| artifact | top-1 | drop (points) | triplet agreement vs teacher | {timing} | MB |",
+        "|---|---|---|---|" + "---|" * len(threads) + "---|",
+    ]
+    for name, row in rows.items():
+        times = " | ".join(f"{row[f'p50_ms_{t}t']:.3f} / {row[f'p99_ms_{t}t']:.3f}"
+                           for t in threads)  # fmt: skip
+        lines.append(
+            f"| {name} | {row['test_top1']:.4f} | {row['drop_points']:+.2f} | "
+            f"{row['test_pc_triplet_agreement']:.4f} | {times} | {row['size_mb']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def register_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
+    """Every validated bundle as a version of the pipeline's registered model, alias = name."""
+    export_dir, export = upstream["export"]
+    rows = upstream["validate"][1].facts["rows"]
+    if ctx.registry is None:
+        raise EdgepcError("the register stage needs an MLflow tracker (run it through the runner)")
+    model = config.registry.model or f"edgepc-{config.name}"
+    versions = {}
+    for name in export.facts["bundles"]:
+        folder = export_dir / name
+        manifest = read_manifest(folder)
+        if name not in rows:
+            raise BundleError(f"{name} has no validation row: run the validate stage again")
+        entry = manifest.entry(manifest.model)
+        tags = {"edgepc.target": manifest.target, "edgepc.precision": manifest.precision,
+                "edgepc.source": manifest.source, "edgepc.sha256": entry.sha256}  # fmt: skip
+        tags |= {f"edgepc.{k}": f"{v:.6g}" for k, v in rows[name].items()}
+        description = (
+            f"{manifest.target} {manifest.precision} ({manifest.source}) for {manifest.runtime}: "
+            f"top-1 {rows[name]['test_top1']:.4f}, {entry.bytes / 2**20:.2f} MB"
+        )
+        versions[name] = ctx.registry.register(model, name, folder, entry.sha256, tags, description)
+    metrics = {f"{_key(n, config.target)}_version": float(v) for n, v in versions.items()}
+    return StageResult(metrics, {}, {"model": model, "versions": versions})

@@ -1,0 +1,243 @@
+"""Bundles for each target run in their real runtimes and match PyTorch; manifests, the parity
+check, the latency timer, the accuracy gate and the Jetson engine builder's refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgepc.data import channel_stats, load_dataset, make_splits
+from edgepc.distill.images import Normalisation
+from edgepc.distill.trainer import TrainConfig, train
+from edgepc.export.bundle import (
+    MANIFEST,
+    TESTSET,
+    BundleError,
+    Normalise,
+    read_manifest,
+    write_bundle,
+    write_testset,
+)
+from edgepc.export.parity import parity, violations
+from edgepc.export.runtimes import normalise, open_runtime
+from edgepc.export.tensorrt import check_onnx
+from edgepc.measure import latency
+from edgepc.models import build_model
+from edgepc.pipelines.config import ExportSection
+from edgepc.pipelines.deploy import ValidationGateError, validate_bundle, validate_stage
+from edgepc.pipelines.stages import StageContext, StageResult
+from edgepc.quant import convert
+from edgepc.quant.finetune import ptq
+
+CPU = torch.device("cpu")
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny CNN trained briefly on real Fashion-MNIST, its PTQ int8 graph (cpu recipe and
+    jetson's symmetric one), and a test set file with 300 real test images."""
+    d = load_dataset("fashion-mnist", download=False)
+    s = make_splits(d.train_labels, train_limit=600, seed=0)
+    x, y = d.train_images[s.train], d.train_labels[s.train]
+    norm = Normalisation(*map(tuple, channel_stats(x)))
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn")
+    train(model, x, y, norm, TrainConfig(epochs=2, lr=3e-3), CPU, progress=False)
+    model.eval()
+    int8 = {t: convert(ptq(model, t, x[:256], norm)) for t in ("cpu", "jetson")}
+    int8["mobile"] = int8["cpu"]
+    folder = tmp_path_factory.mktemp("testset")
+    teacher = torch.randn(300, 16).numpy()  # any reference embeddings of the first images
+    testset = write_testset(folder / TESTSET, d.test_images[:300].numpy(),
+                            d.test_labels[:300].numpy(), teacher)  # fmt: skip
+    spec = Normalise(mean=list(norm.mean), std=list(norm.std))
+    return model, int8, testset, spec, d.classes
+
+
+def bundle(tmp_path, setup, target, source):
+    model, int8, testset, spec, classes = setup
+    example = normalise(np.load(testset)["images"][:2], spec.mean, spec.std)
+    chosen = model if source == "fp32" else int8[target]
+    folder = tmp_path / f"{target}-{'fp32' if source == 'fp32' else 'int8'}"
+    return write_bundle(folder, chosen, torch.from_numpy(example), target, source, testset,
+                        spec, list(classes))  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cpu", "mobile", "jetson"])
+def test_each_writer_matches_pytorch_in_its_runtime(tmp_path, setup, target):
+    model, int8, testset, spec, _ = setup
+    bounds = ExportSection()
+    x = normalise(np.load(testset)["images"], spec.mean, spec.std)
+    sizes = {}
+    for source in ("fp32", "ptq"):
+        manifest = bundle(tmp_path, setup, target, source)
+        folder = tmp_path / manifest.name
+        path = folder / manifest.model
+        torch_model = model if source == "fp32" else int8[target]
+        with torch.no_grad():
+            reference = tuple(t.numpy() for t in torch_model(torch.from_numpy(x)))
+        runtime = open_runtime(path, threads=1)
+        got = runtime.predict(x)
+        row = parity(reference, got)
+        assert violations(row, bounds.fp32_parity if source == "fp32" else bounds.int8_parity) == []
+        if source == "fp32":
+            assert row["top1_agreement"] == 1.0
+            assert row["max_logit_delta"] < 1e-4
+        sizes[source] = path.stat().st_size
+        assert read_manifest(folder) == manifest  # every sha256 checks out
+        if target == "mobile" and source == "ptq":
+            assert manifest.input.dtype == "int8"
+            assert manifest.input.quantization is not None
+            assert runtime.max_batch == 1
+            assert runtime.input_quantization is not None
+            assert all(o.dtype == "int8" for o in manifest.outputs)  # full integer
+        if target == "jetson" and source == "ptq":
+            assert check_onnx(path)["per_channel"] == 2 * 5  # 3 conv + 2 linear weights
+            assert manifest.input.quantization.zero_point == 0
+        if target == "cpu" and source == "ptq":
+            stored = onnx.load(path)
+            weights = [numpy_helper.to_array(i) for i in stored.graph.initializer]
+            assert sum(w.size for w in weights if w.dtype == np.int8) > 0.95 * sum(
+                p.numel() for p in model.parameters() if p.ndim > 1
+            )
+            # The same graph with float weights behind Q/DQ pairs computes the same numbers.
+            qdq = open_runtime(write_qdq(tmp_path, int8["cpu"], x[:2]), threads=1).predict(x)
+            np.testing.assert_allclose(got[0], qdq[0], atol=1e-5)
+    assert sizes["ptq"] < 0.4 * sizes["fp32"] or target == "jetson"
+
+
+def write_qdq(tmp_path, graph, example):
+    from edgepc.export.writers import write_onnx
+
+    return write_onnx(graph, torch.from_numpy(example), tmp_path / "qdq.onnx")
+
+
+@pytest.mark.slow
+def test_manifest_round_trip_and_every_corruption_is_named(tmp_path, setup):
+    manifest = bundle(tmp_path, setup, "cpu", "fp32")
+    folder = tmp_path / manifest.name
+    text = (folder / MANIFEST).read_text()
+    assert read_manifest(folder) == manifest
+    assert manifest.input.shape == ["batch", 1, 28, 28]
+    assert manifest.input.layout == "NCHW"
+    assert [o.name for o in manifest.outputs] == ["logits", "embedding"]
+    assert manifest.classes[0] == "T-shirt/top"
+    assert manifest.runtime == "onnxruntime"
+
+    def broken(edit) -> str:
+        data = json.loads(text)
+        edit(data)
+        (folder / MANIFEST).write_text(json.dumps(data))
+        with pytest.raises(BundleError) as error:
+            read_manifest(folder)
+        return str(error.value)
+
+    assert "not a plain file name" in broken(lambda d: d["files"][0].update(path="../x.onnx"))
+    assert "lists no file 'model.tflite'" in broken(lambda d: d.update(model="model.tflite"))
+    assert "precision" in broken(lambda d: d.update(precision="int4"))
+    assert "extra" in broken(lambda d: d.update(surprise=1)).lower()
+    (folder / MANIFEST).write_text(text[:100])
+    with pytest.raises(BundleError, match="not valid JSON"):
+        read_manifest(folder)
+    (folder / MANIFEST).write_text(text)
+    model = folder / manifest.model
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")  # same size, one byte changed
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        read_manifest(folder)
+    assert read_manifest(folder, verify=False) == manifest
+    (folder / MANIFEST).unlink()
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
+        read_manifest(folder)
+
+
+def test_normalise_is_bit_identical_to_torch():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    norm = Normalisation((0.1, 0.2, 0.3), (0.5, 0.25, 0.2))
+    got = normalise(images.numpy(), list(norm.mean), list(norm.std))
+    assert np.array_equal(got, norm.apply(images).numpy())
+
+
+def test_parity_metrics_and_their_bounds():
+    rng = np.random.default_rng(0)
+    logits, emb = rng.standard_normal((200, 10)), rng.standard_normal((200, 8))
+    same = parity((logits, emb), (logits.copy(), emb.copy()))
+    assert same["top1_agreement"] == 1.0
+    assert same["max_logit_delta"] == 0.0
+    assert same["pc_triplet_agreement"] == 1.0
+    assert violations(same, ExportSection().fp32_parity) == []
+    shuffled = parity((logits, emb), (logits[::-1].copy(), emb[::-1].copy()))
+    assert shuffled["top1_agreement"] < 0.3
+    assert shuffled["pc_triplet_agreement"] < 0.7
+    broken = violations(shuffled, ExportSection().int8_parity)
+    assert [b.split()[0] for b in broken] == [
+        "top1_agreement", "pc_triplet_agreement", "max_logit_delta"]  # fmt: skip
+
+
+def test_latency_timer_counts_and_orders():
+    calls = []
+    timed = latency(lambda: calls.append(1), warmup=3, iterations=50)
+    assert len(calls) == 53
+    assert timed.warmup == 3
+    assert timed.iterations == 50
+    assert 0 < timed.p50_ms <= timed.p90_ms <= timed.p99_ms
+    assert timed.throughput == pytest.approx(1000 / timed.mean_ms)
+    with pytest.raises(ValueError, match="at least 2"):
+        latency(lambda: None, iterations=1)
+
+
+@pytest.mark.slow
+def test_validate_measures_the_bundle_and_the_gate_fails_clearly(tmp_path, setup):
+    manifest = bundle(tmp_path, setup, "cpu", "ptq")
+    folder = tmp_path / manifest.name
+    row = validate_bundle(folder, threads=[1, 2], warmup=2, iterations=20)
+    x = normalise(np.load(folder / TESTSET)["images"], *setup[3].model_dump().values())
+    logits, _ = open_runtime(folder / manifest.model).predict(x)
+    labels = np.load(folder / TESTSET)["labels"]
+    assert row["test_top1"] == float((logits.argmax(1) == labels).mean())  # same runtime
+    assert row["size_mb"] == (folder / manifest.model).stat().st_size / 2**20
+    assert {"p50_ms_1t", "p99_ms_2t", "throughput_1t"} <= set(row)
+    from edgepc.pipelines.config import load_config
+
+    config = load_config("cpu", overrides=["validation.latency={warmup: 1, iterations: 5}"])
+    export = (tmp_path, StageResult(facts={"bundles": [manifest.name]}))
+    ctx = StageContext(tmp_path / "validate", CPU, lambda m, s: None, False)
+    ctx.workdir.mkdir()
+    fine = {"distill": (tmp_path, StageResult({"test_top1": row["test_top1"]})), "export": export}
+    result = validate_stage(config, fine, ctx)
+    assert result.metrics["int8_drop_points"] == 0.0
+    assert result.metrics["int8_test_top1"] == row["test_top1"]
+    # An fp32 student 5 points better than the int8 file: the gate stops the pipeline.
+    better = {**fine, "distill": (tmp_path, StageResult({"test_top1": row["test_top1"] + 0.05}))}
+    gate = r"cpu-int8 loses 5.00 top-1 points .*validation.max_drop = 1.0"
+    with pytest.raises(ValidationGateError, match=gate):
+        validate_stage(config, better, ctx)
+
+
+def run_builder(*args):
+    script = PROJECT / "devices" / "jetson" / "build_engine.py"
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_jetson_builder_refuses_without_tensorrt_and_checks_the_bundle(tmp_path, setup):
+    manifest = bundle(tmp_path, setup, "jetson", "ptq")
+    folder = tmp_path / manifest.name
+    done = run_builder(folder)
+    assert done.returncode == 2
+    assert not (folder / "model.engine").exists()
+    assert "tensorrt is not importable" in done.stderr  # this machine has no TensorRT
+    assert run_builder(folder, "--max-batch", "0").returncode == 2
+    cpu = bundle(tmp_path, setup, "cpu", "fp32")
+    assert "not a jetson ONNX bundle" in run_builder(tmp_path / cpu.name).stderr
+    model = folder / manifest.model
+    model.write_bytes(model.read_bytes() + b"\0")
+    assert "does not match its sha256" in run_builder(folder).stderr
