@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edgepc.export.writers import OUTPUTS, ExportError, missing
+from edgepc.export.writers import OUTPUTS, ExportError, missing, quiet_native_logs
 
 
 @dataclass
@@ -71,8 +71,9 @@ def litert_runtime(path: Path, threads: int) -> Runtime:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         raise missing("ai-edge-litert", "mobile") from None
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
+    with quiet_native_logs():  # "Created TensorFlow Lite XNNPACK delegate", every time
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
     (inp,) = interpreter.get_input_details()
     # litert-torch names outputs by position: output_0 is logits, output_1 the embedding.
     outs = sorted(interpreter.get_output_details(), key=lambda o: o["name"])

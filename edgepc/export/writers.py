@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +39,26 @@ def _replace_atomically(tmp: Path, path: Path) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def quiet_native_logs() -> Iterator[None]:
+    """Hold back what native code (TensorFlow/LiteRT's C++ logging) writes to stderr; it is
+    shown only if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def drop_weight_clips(model: onnx.ModelProto) -> int:
@@ -158,19 +181,22 @@ def write_tflite(model: nn.Module, example: torch.Tensor, path: Path, int8: bool
     """A .tflite at batch 1 via litert-torch; ``int8``: full-integer (int8 input and outputs)
     from an int8 graph of :func:`edgepc.quant.convert`."""
     try:
-        import litert_torch
-        from litert_torch.quantize import pt2e_quantizer
-        from litert_torch.quantize.quant_config import QuantConfig
+        with quiet_native_logs():  # TensorFlow's start-up lines
+            import litert_torch
+            from litert_torch.quantize import pt2e_quantizer
+            from litert_torch.quantize.quant_config import QuantConfig
     except ImportError:
         raise missing("litert-torch", "mobile") from None
     quant_config = None
     if int8:  # the converter reads only the mode (static int8) from this quantizer
         static = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
         quant_config = QuantConfig(pt2e_quantizer.PT2EQuantizer().set_global(static))
-    if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule):
+    if isinstance(model, torch.fx.GraphModule):
+        model.training = False  # its ops are in eval form already (edgepc.quant.convert)
+    else:
         model = model.eval()
     tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_native_logs():
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(io.StringIO()):  # its progress log
             converted = litert_torch.convert(model, (example[:1],), quant_config=quant_config)

@@ -1,0 +1,156 @@
+"""Batch-1 latency and size of exported bundles in their runtimes: int8 against fp32, as ratios
+measured in one run.
+
+    python benchmarks/runtime_latency.py EXPORT_DIR [EXPORT_DIR ...] [--threads 1 2]
+        [--rounds 5] [--iterations 300] [--warmup 30] [--out benchmarks/results] [--tag NAME]
+
+EXPORT_DIR is an export stage's folder (the pipeline's summary prints it: ``bundles: DIR/...``),
+or one bundle. Every bundle is timed with the validate stage's timer (:func:`edgepc.measure.
+latency`) in ``rounds`` interleaved rounds (fp32, int8, fp32, int8, ...) so that a slow spell of
+a shared machine hits both; the p50 reported is the median of the rounds' p50s, and the speed-up
+is fp32 p50 / int8 p50 of the same target and thread count. Writes ``runtime_latency-TAG.json``
+and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from edgepc.export.bundle import MANIFEST, read_manifest
+from edgepc.export.runtimes import normalise, open_runtime
+from edgepc.hardware import cpu_name
+from edgepc.measure import latency
+
+
+def bundles(paths: list[Path]) -> list[Path]:
+    found = []
+    for path in paths:
+        inside = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
+        found += [path] if (path / MANIFEST).is_file() else inside
+    if not found:
+        raise SystemExit(f"error: no bundle (a folder with {MANIFEST}) in {paths}")
+    return found
+
+
+def measure(
+    folders: list[Path], threads: list[int], rounds: int, warmup: int, iterations: int
+) -> dict[str, dict]:
+    """{bundle: {"size_mb", "target", "precision", "p50_ms_Nt", "p99_ms_Nt", ...}}."""
+    results: dict[str, dict] = {}
+    runners = {}
+    for folder in folders:
+        manifest = read_manifest(folder)
+        with np.load(folder / manifest.testset) as test:
+            image = normalise(test["images"][:1], manifest.normalisation.mean,
+                              manifest.normalisation.std)  # fmt: skip
+        for count in threads:
+            runtime = open_runtime(folder / manifest.model, count)
+            runners[manifest.name, count] = partial(runtime.run, image)
+        results[manifest.name] = {
+            "target": manifest.target,
+            "precision": manifest.precision,
+            "source": manifest.source,
+            "runtime": runtime.name,
+            "size_mb": manifest.entry(manifest.model).bytes / 2**20,
+            "rounds": {f"{c}t": [] for c in threads},
+        }
+    for _ in range(rounds):
+        for (name, count), run in runners.items():
+            timed = latency(run, warmup, iterations)
+            results[name]["rounds"][f"{count}t"].append(timed.as_dict())
+    for row in results.values():
+        for key, timings in row["rounds"].items():
+            for stat in ("p50_ms", "p90_ms", "p99_ms"):
+                row[f"{stat}_{key}"] = statistics.median(t[stat] for t in timings)
+    return results
+
+
+def ratios(results: dict[str, dict], threads: list[int]) -> list[dict]:
+    """fp32 / int8 for every int8 bundle with an fp32 bundle of the same target."""
+    rows = []
+    for name, row in results.items():
+        if row["precision"] != "int8":
+            continue
+        fp32 = next((r for r in results.values() if r["target"] == row["target"]
+                     and r["precision"] == "fp32"), None)  # fmt: skip
+        if fp32 is None:
+            continue
+        entry = {"int8": name, "size_ratio": fp32["size_mb"] / row["size_mb"]}
+        for count in threads:
+            entry[f"speedup_{count}t"] = fp32[f"p50_ms_{count}t"] / row[f"p50_ms_{count}t"]
+        rows.append(entry)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    threads = report["threads"]
+    lines = [
+        "# Batch-1 latency of exported bundles in their runtimes",
+        "",
+        f"{report['when']} · {report['machine']} · {report['rounds']} interleaved rounds × "
+        f"{report['iterations']} timed calls (warm-up {report['warmup']}) · `{report['command']}`",
+        "",
+        "| bundle | runtime | MB | "
+        + " | ".join(f"p50 / p99 ms ({t} thr)" for t in threads)
+        + " |",
+        "|---|---|---|" + "---|" * len(threads),
+    ]
+    for name, row in report["results"].items():
+        times = " | ".join(f"{row[f'p50_ms_{t}t']:.3f} / {row[f'p99_ms_{t}t']:.3f}"
+                           for t in threads)  # fmt: skip
+        lines.append(f"| {name} | {row['runtime']} | {row['size_mb']:.3f} | {times} |")
+    lines += [
+        "",
+        "| int8 bundle | fp32 / int8 size | "
+        + " | ".join(f"fp32 / int8 p50 ({t} thr)" for t in threads)
+        + " |",
+        "|---|---|" + "---|" * len(threads),
+    ]
+    for row in report["ratios"]:
+        speed = " | ".join(f"{row[f'speedup_{t}t']:.2f}×" for t in threads)
+        lines.append(f"| {row['int8']} | {row['size_ratio']:.2f}× | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="export stage folders or bundles")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="local", help="name of the result files")
+    args = parser.parse_args(argv)
+    results = measure(bundles(args.paths), args.threads, args.rounds, args.warmup,
+                      args.iterations)  # fmt: skip
+    report = {
+        "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": cpu_name(),
+        "command": "python benchmarks/runtime_latency.py " + " ".join(argv),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "iterations": args.iterations,
+        "results": results,
+        "ratios": ratios(results, args.threads),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"runtime_latency-{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
