@@ -52,6 +52,22 @@ def summary(report: PipelineReport) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(reports: list[PipelineReport]) -> str:
+    """Every artifact of several pipelines in one table (their runtimes, batch 1, 1 thread)."""
+    lines = [
+        "| artifact | top-1 | drop (points) | triplet vs teacher | p50 ms | p99 ms | MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for report in reports:
+        for name, row in report.rows.items():
+            lines.append(
+                f"| {name} | {row['test_top1']:.4f} | {row['drop_points']:+.2f} | "
+                f"{row['test_pc_triplet_agreement']:.4f} | {row.get('p50_ms_1t', float('nan')):.3f}"
+                f" | {row.get('p99_ms_1t', float('nan')):.3f} | {row['size_mb']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgepc.pipelines.run", description=__doc__)
     parser.add_argument("target", choices=[*TARGETS, "all"], help="which deployment target")
@@ -66,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     targets = TARGETS if args.target == "all" else (args.target,)
     try:
+        reports = []
         for target in targets:
             config = load_config(target, args.config, args.profile, args.overrides)
-            report = run_pipeline(config, args.cache, progress=not args.no_progress)
-            print(summary(report))
+            reports.append(run_pipeline(config, args.cache, progress=not args.no_progress))
+            print(summary(reports[-1]))
+        if len(reports) > 1 and all(r.rows for r in reports):
+            print(f"\nall artifacts (batch 1, 1 thread):\n{side_by_side(reports)}")
     except EdgepcError as error:
         if args.debug:
             traceback.print_exc()

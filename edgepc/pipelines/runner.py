@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgepc import __version__
@@ -70,6 +70,7 @@ class PipelineReport:
     tracking_uri: str
     stages: list[StageReport]
     artifacts: str = ""  # the validate stage's table (with the registry's versions)
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)  # validate: per artifact
 
 
 def default_cache() -> Path:
@@ -160,7 +161,8 @@ def run_pipeline(
             seconds = time.perf_counter() - started
             reports.append(StageReport(stage.name, status, seconds, result.metrics, rid))
         tracker.log_metrics({f"{r.stage}.{k}": v for r in reports for k, v in r.metrics.items()})
-    return PipelineReport(config.name, parent, tracker.uri, reports, artifacts_table(done))
+    rows = done["validate"][1].facts["rows"] if "validate" in done else {}
+    return PipelineReport(config.name, parent, tracker.uri, reports, artifacts_table(done), rows)
 
 
 def artifacts_table(done: dict[str, tuple[Path, StageResult]]) -> str:
