@@ -1,7 +1,19 @@
 import socket
 
+import numpy as np
 import pytest
 import torch
+
+from edgepc.data import channel_stats, load_dataset, make_splits
+from edgepc.distill.images import Normalisation
+from edgepc.distill.trainer import TrainConfig, train
+from edgepc.export.bundle import TESTSET, Normalise, write_bundle, write_testset
+from edgepc.export.runtimes import normalise
+from edgepc.models import build_model
+from edgepc.quant import convert
+from edgepc.quant.finetune import ptq
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +31,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """A tiny CNN trained briefly on real Fashion-MNIST, its PTQ int8 graph (cpu recipe and
+    jetson's symmetric one), and a test set file with 300 real test images."""
+    d = load_dataset("fashion-mnist", download=False)
+    s = make_splits(d.train_labels, train_limit=600, seed=0)
+    x, y = d.train_images[s.train], d.train_labels[s.train]
+    norm = Normalisation(*map(tuple, channel_stats(x)))
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn")
+    train(model, x, y, norm, TrainConfig(epochs=2, lr=3e-3), CPU, progress=False)
+    model.eval()
+    int8 = {t: convert(ptq(model, t, x[:256], norm)) for t in ("cpu", "jetson")}
+    int8["mobile"] = int8["cpu"]
+    folder = tmp_path_factory.mktemp("testset")
+    teacher = torch.randn(300, 16).numpy()  # any reference embeddings of the first images
+    testset = write_testset(folder / TESTSET, d.test_images[:300].numpy(),
+                            d.test_labels[:300].numpy(), teacher)  # fmt: skip
+    spec = Normalise(mean=list(norm.mean), std=list(norm.std))
+    return model, int8, testset, spec, d.classes
+
+
+def bundle(tmp_path, setup, target, source):
+    model, int8, testset, spec, classes = setup
+    example = normalise(np.load(testset)["images"][:2], spec.mean, spec.std)
+    chosen = model if source == "fp32" else int8[target]
+    folder = tmp_path / f"{target}-{'fp32' if source == 'fp32' else 'int8'}"
+    return write_bundle(folder, chosen, torch.from_numpy(example), target, source, testset,
+                        spec, list(classes))  # fmt: skip

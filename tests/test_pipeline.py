@@ -34,6 +34,9 @@ SMALL = [
     "export.parity_size=300",
     "export.pc_eval_limit=300",
     "validation.latency={warmup: 2, iterations: 20, threads: [1]}",
+    # Students trained on 300 images are not deployable: int8 may lose a few points of a low
+    # top-1. The gate itself is tested in test_export.py.
+    "validation.max_drop=10",
 ]
 
 
