@@ -1,4 +1,12 @@
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -24,6 +32,32 @@ def _seed():
 def random_rotation(dim: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=dtype))
     return q
+
+
+@contextmanager
+def mlflow_ui(uri: str) -> Iterator[str]:
+    """``python -m edgepc.pipelines.ui`` over the store ``uri`` on a free port, answering;
+    yields its address and stops it afterwards."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "edgepc.pipelines.ui", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{address}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the MLflow UI did not answer within 120 s")
+        yield address
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
 
 
 def free_port() -> int:

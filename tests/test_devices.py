@@ -113,3 +113,58 @@ def test_device_scripts_refuse_tampered_bundles_and_missing_runtimes(tmp_path, s
     assert "does not match its sha256" in tampered.stderr
     assert not (tmp_path / "r.json").exists()
     assert "Traceback" not in wrong.stderr + no_runtime.stderr + tampered.stderr
+
+
+@pytest.mark.slow
+def test_ingest_attaches_reports_to_the_export_run_and_compare_lines_them_up(
+    tmp_path, setup, blocker, monkeypatch
+):
+    from edgepc.devices import compare, ingest
+    from edgepc.devices.report import ReportError
+    from edgepc.export.bundle import write_bundle
+    from edgepc.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracker = Tracker(uri)
+    model, int8, testset, spec, classes = setup
+    example = torch.from_numpy(common.load_testset(testset.parent, {
+        "testset": testset.name, "normalisation": spec.model_dump()})[0][:2])  # fmt: skip
+    reports = {}
+    with tracker.run("export", {"edgepc.stage": "export", "edgepc.target": "cpu"}) as run_id:
+        for source in ("fp32", "ptq"):  # as the export stage does: bundle, then its artifacts
+            name = "cpu-fp32" if source == "fp32" else "cpu-int8"
+            chosen = model if source == "fp32" else int8["cpu"]
+            write_bundle(tmp_path / name, chosen, example, "cpu", source, testset, spec,
+                         list(classes), run_id)  # fmt: skip
+            tracker.log_artifacts(tmp_path / name, f"export/{name}")
+            reports[name] = tmp_path / f"{name}.json"
+            done = run_script("cpu", tmp_path / name, blocker(), "--out", str(reports[name]),
+                              "--threads", "1", "--iterations", "20")  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+    assert ingest.main([str(reports["cpu-fp32"]), "--device", "orin nano"]) == 0
+    assert ingest.main([str(reports["cpu-int8"]), "--device", "orin nano"]) == 0
+    run = tracker.find_run(run_id)
+    top1 = json.loads(reports["cpu-int8"].read_text())["accuracy"]["top1"]
+    assert run["metrics"]["orin-nano.int8_test_top1"] == top1
+    assert run["metrics"]["orin-nano.fp32_p50_ms_1t"] > 0
+    assert "onnxruntime" in run["tags"]["edgepc.device.orin-nano"]
+    assert tracker.read_artifact(run_id, "devices/orin-nano/cpu-int8.json") is not None
+    # A report of another model, of an unknown run, or malformed: refused, nothing attached.
+    forged = json.loads(reports["cpu-int8"].read_text())
+    forged["bundle"]["model_sha256"] = "0" * 64
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    with pytest.raises(ReportError, match="another sha256"):
+        ingest.ingest(tmp_path / "forged.json", tracker)
+    forged["bundle"]["mlflow_run_id"] = "f" * 32
+    (tmp_path / "lost.json").write_text(json.dumps(forged))
+    with pytest.raises(ReportError, match="is not in"):
+        ingest.ingest(tmp_path / "lost.json", tracker)
+    (tmp_path / "bad.json").write_text('{"report_version": 1}')
+    assert ingest.main([str(tmp_path / "bad.json")]) == 2
+    rows = compare.collect(tracker.stage_runs("export"))
+    assert [(r["device"], r["artifact"]) for r in rows] == [("orin-nano", "fp32"),
+                                                            ("orin-nano", "int8")]  # fmt: skip
+    assert compare.main(["--out", str(tmp_path / "compare.png")]) == 0
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert f"| orin-nano | cpu | int8 | {top1:.4f} |" in compare.table(rows)

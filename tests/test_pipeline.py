@@ -15,7 +15,7 @@ from edgepc.pipelines.config import ConfigError, load_config, parse_override
 from edgepc.pipelines.run import main
 from edgepc.pipelines.runner import STAGES, run_pipeline
 from edgepc.tracking import Tracker
-from tests.conftest import free_port
+from tests.conftest import mlflow_ui
 
 SMALL = [
     "data.train_limit=300",
@@ -219,29 +219,13 @@ def test_ui_serves_the_store(tmp_path, store):
     import json
     import urllib.request
 
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri}
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "edgepc.pipelines.ui", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+    with mlflow_ui(store.uri) as address:
+        url = f"{address}/api/2.0/mlflow/experiments/search"
         body = json.dumps({"max_results": 10}).encode()
-        names = None
-        for _ in range(120):
-            try:
-                request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=2) as response:
-                    names = [e["name"] for e in json.load(response)["experiments"]]
-                    break
-            except OSError:
-                time.sleep(0.5)
-        assert names is not None, "the MLflow UI did not answer within 60 s"
-        assert "edgepc-test" in names
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            names = [e["name"] for e in json.load(response)["experiments"]]
+    assert "edgepc-test" in names
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from edgepc.tracking import STORE, tracking_uri
+from edgepc.tracking import STORE, artifact_root, tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", uri,
-        "--default-artifact-root", (STORE / "artifacts").as_uri(),
+        "--default-artifact-root", (artifact_root(uri) or STORE / "artifacts").as_uri(),
         "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1",
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,13 @@ EXPERIMENT = "edgepc"
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else the project's sqlite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{STORE / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a sqlite store keeps artifacts: ``artifacts/`` beside its database file."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
@@ -60,13 +68,14 @@ class Tracker:
 
         self.mlflow = mlflow
         self.uri = uri or tracking_uri()
-        if self.uri.startswith("sqlite:///"):
-            STORE.mkdir(parents=True, exist_ok=True)
+        root = artifact_root(self.uri)
+        if root is not None:
+            root.parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         self.client = mlflow.MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            artifacts = (STORE / "artifacts").as_uri() if self.uri.startswith("sqlite") else None
+            artifacts = root.as_uri() if root is not None else None
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=artifacts
             )
@@ -128,6 +137,53 @@ class Tracker:
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def attach(
+        self,
+        run_id: str,
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str],
+        files: Mapping[Path, str],
+    ) -> None:
+        """Add metrics, tags and files (path -> artifact folder) to an existing, finished run."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        for path, folder in files.items():
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def find_run(self, run_id: str) -> dict | None:
+        """``{"tags", "metrics", "artifact_uri"}`` of a run of this store, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return {"tags": run.data.tags, "metrics": run.data.metrics,
+                "artifact_uri": run.info.artifact_uri}  # fmt: skip
+
+    def read_artifact(self, run_id: str, path: str) -> str | None:
+        """The text of one artifact file of a run, or None when it has none there."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+        except (MlflowException, OSError):
+            return None
+
+    def stage_runs(self, stage: str) -> list[dict]:
+        """Every run of a stage (newest first) as ``{"run_id", "tags", "metrics"}``."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`edgepc.stage` = '{stage}'", max_results=1000
+        )
+        return [{"run_id": r.info.run_id, "tags": r.data.tags, "metrics": r.data.metrics}
+                for r in runs]  # fmt: skip
 
     def log_artifacts(self, path: Path, folder: str) -> None:
         """Every file under the folder ``path``, as artifacts under ``folder``."""
