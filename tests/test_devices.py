@@ -168,3 +168,36 @@ def test_ingest_attaches_reports_to_the_export_run_and_compare_lines_them_up(
     assert compare.main(["--out", str(tmp_path / "compare.png")]) == 0
     assert (tmp_path / "compare.png").stat().st_size > 0
     assert f"| orin-nano | cpu | int8 | {top1:.4f} |" in compare.table(rows)
+
+
+def test_jetson_engine_cache_takes_only_a_matching_engine():
+    sys.path.insert(0, str(PROJECT / "devices" / "jetson"))
+    import validate as jetson  # devices/jetson/validate.py
+
+    meta = {"onnx_sha256": "a" * 64, "tensorrt": "10.3.0", "gpu": "Orin"}
+    assert jetson.engine_is_current(meta, "a" * 64, "10.3.0", "Orin")
+    assert not jetson.engine_is_current(None, "a" * 64, "10.3.0", "Orin")
+    assert not jetson.engine_is_current(meta, "b" * 64, "10.3.0", "Orin")  # ONNX changed
+    assert not jetson.engine_is_current(meta, "a" * 64, "8.6.2", "Orin")  # another TensorRT
+    assert not jetson.engine_is_current(meta, "a" * 64, "10.3.0", "H100")  # another GPU
+    assert jetson.power_state() == {}  # no nvpmodel / jetson_clocks on this machine
+
+
+@pytest.mark.slow
+def test_jetson_script_refuses_without_tensorrt_and_reports_nothing(tmp_path, setup, blocker):
+    manifest = bundle(tmp_path, setup, "jetson", "ptq")
+    folder = tmp_path / manifest.name
+    blocked = blocker("tensorrt")  # absent here anyway; blocked so the test means the same
+    out = tmp_path / "report.json"
+    done = run_script("jetson", folder, blocked, "--out", str(out))
+    assert done.returncode == 2
+    assert "tensorrt is not importable here" in done.stderr
+    assert "no numbers are reported without it" in done.stderr
+    assert not out.exists()
+    assert run_script("jetson", folder, blocked, "--iterations", "1").returncode == 2
+    missing = run_script("jetson", folder, blocked, "--engine", str(tmp_path / "none.engine"))
+    assert "does not exist" in missing.stderr
+    cpu = bundle(tmp_path, setup, "cpu", "fp32")
+    other = run_script("jetson", tmp_path / cpu.name, blocked)
+    assert "is a 'cpu' bundle" in other.stderr
+    assert "Traceback" not in done.stderr + missing.stderr + other.stderr
