@@ -64,6 +64,7 @@ class Tracker:
     """Opens the store, the experiment and the runs; everything else in edgepc stays MLflow-free."""
 
     def __init__(self, uri: str | None = None, experiment: str = EXPERIMENT) -> None:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import mlflow
 
         self.mlflow = mlflow
