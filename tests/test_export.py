@@ -199,7 +199,7 @@ def test_jetson_builder_refuses_without_tensorrt_and_checks_the_bundle(tmp_path,
     assert "tensorrt is not importable" in done.stderr  # this machine has no TensorRT
     assert run_builder(folder, "--max-batch", "0").returncode == 2
     cpu = bundle(tmp_path, setup, "cpu", "fp32")
-    assert "not a jetson ONNX bundle" in run_builder(tmp_path / cpu.name).stderr
+    assert "is a 'cpu' bundle" in run_builder(tmp_path / cpu.name).stderr
     model = folder / manifest.model
     model.write_bytes(model.read_bytes() + b"\0")
     assert "does not match its sha256" in run_builder(folder).stderr

@@ -7,41 +7,18 @@ Reads BUNDLE/manifest.json, checks the ONNX file's sha256, parses the explicitly
 (Q/DQ pairs, so TensorRT takes its int8 scales from the graph) with the tensorrt Python API and
 writes BUNDLE/model.engine: int8 where the graph says so, fp16 elsewhere, a dynamic batch
 1..max-batch. It is the Python equivalent of the ``engine.trtexec`` line in the manifest.
-Needs Python 3.8+ and TensorRT's Python package (JetPack ships it); no numpy, torch or edgepc.
+Needs Python 3.8+, numpy and TensorRT's Python package (JetPack ships it); no torch or edgepc.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 
-
-def fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_bundle(bundle: Path) -> dict:
-    """The manifest of a jetson bundle whose ONNX matches its recorded sha256."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    if manifest.get("target") != "jetson" or not str(manifest.get("model", "")).endswith(".onnx"):
-        raise ValueError(f"{bundle} is not a jetson ONNX bundle (target {manifest.get('target')})")
-    entry = next(f for f in manifest["files"] if f["path"] == manifest["model"])
-    if sha256(bundle / entry["path"]) != entry["sha256"]:
-        raise ValueError(f"{bundle / entry['path']} does not match its sha256: copy it again")
-    return manifest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import BundleError, fail, read_bundle
 
 
 def build(onnx_path: Path, engine_path: Path, manifest: dict, max_batch: int, mib: int) -> None:
@@ -85,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch < 1:
         return fail(f"--max-batch must be at least 1, got {args.max_batch}")
     try:
-        manifest = read_bundle(args.bundle)
-    except (OSError, ValueError, KeyError, StopIteration) as error:
-        return fail(f"cannot use bundle {args.bundle}: {type(error).__name__}: {error}")
+        manifest = read_bundle(args.bundle, "jetson")
+    except BundleError as error:
+        return fail(str(error))
     engine_path = args.bundle / "model.engine"
     command = (manifest.get("engine") or {}).get("trtexec", "")
     try:
