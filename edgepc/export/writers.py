@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 from torch.export import Dim
@@ -61,21 +62,37 @@ def quiet_native_logs() -> Iterator[None]:
             os.close(saved)
 
 
+def _input_uses(model: onnx.ModelProto) -> dict[str, int]:
+    """How many node inputs read each value."""
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    return uses
+
+
+def _along_axis(
+    node: onnx.NodeProto, weight: np.ndarray, scale: np.ndarray, zero: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A Q/DQ node's scale and zero-point (as float32) shaped to broadcast against ``weight``:
+    per channel along the node's ``axis`` (default 1), or per tensor."""
+    shape = [1] * weight.ndim
+    if scale.size > 1:
+        shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
+    return scale.reshape(shape), zero.reshape(shape).astype(np.float32)
+
+
 def drop_weight_clips(model: onnx.ModelProto) -> int:
     """Remove the Clip that torch's exporter puts between a weight's QuantizeLinear and
     DequantizeLinear (the ±127 weight range): TensorRT needs the pair adjacent, onnxruntime
     fuses only adjacent pairs. The float weight is clamped to ±127·scale (+ zero-point) first,
     which gives the same int8 values since the bounds are integers. Returns how many went."""
-    import numpy as np
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     constants = {name: numpy_helper.to_array(i) for name, i in inits.items()}
     producers = {out: node for node in model.graph.node for out in node.output}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = _input_uses(model)
     removed = []
     for node in model.graph.node:
         quantize = producers.get(node.input[0]) if node.op_type == "Clip" else None
@@ -85,11 +102,7 @@ def drop_weight_clips(model: onnx.ModelProto) -> int:
         low, high = (constants.get(name) for name in node.input[1:3])
         if any(v is None for v in (weight, scale, zero, low, high)) or uses[quantize.input[0]] > 1:
             continue
-        axis = next((a.i for a in quantize.attribute if a.name == "axis"), 1)
-        shape = [1] * weight.ndim
-        if scale.size > 1:
-            shape[axis] = -1
-        scale, zero = scale.reshape(shape), zero.reshape(shape).astype(np.float32)
+        scale, zero = _along_axis(quantize, weight, scale, zero)
         clamped = np.clip(weight, (low - zero) * scale, (high - zero) * scale)
         inits[quantize.input[0]].CopyFrom(numpy_helper.from_array(clamped, quantize.input[0]))
         for user in model.graph.node:
@@ -105,14 +118,10 @@ def store_int8_weights(model: onnx.ModelProto) -> int:
     so the file holds int8 weights feeding DequantizeLinear (a quarter of the bytes; what
     onnxruntime's own quantizer writes). Rounding is half to even, as QuantizeLinear's.
     Returns how many weights were stored as int8."""
-    import numpy as np
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = _input_uses(model)
     folded = []
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or not all(i in inits for i in node.input[:3]):
@@ -120,11 +129,8 @@ def store_int8_weights(model: onnx.ModelProto) -> int:
         weight, scale, zero = (numpy_helper.to_array(inits[i]) for i in node.input[:3])
         if zero.dtype != np.int8:
             continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * weight.ndim
-        if scale.size > 1:
-            shape[axis] = -1
-        q = np.round(weight / scale.reshape(shape)) + zero.reshape(shape).astype(np.float32)
+        scale, zero = _along_axis(node, weight, scale, zero)
+        q = np.round(weight / scale) + zero
         stored = np.clip(q, -128, 127).astype(np.int8)
         model.graph.initializer.append(numpy_helper.from_array(stored, node.output[0]))
         folded.append(node)
