@@ -76,8 +76,14 @@ class TeacherSection(Section):
 
 
 class DistillSection(Section):
+    """The student: trained on ``train_limit`` images of the train split (a fixed subset chosen
+    by the pipeline seed; None: all), initialised and shuffled by ``seed`` (None: the pipeline
+    seed), so that seeds of one study share the data split and the teacher."""
+
     student: str = "mobilenetv2_0.5"
     train: TrainSection = TrainSection(alpha=0.0, beta=1.0)
+    train_limit: int | None = Field(None, ge=10)
+    seed: int | None = None
     pc_eval_limit: int | None = Field(5000, ge=3)
 
 

@@ -92,6 +92,14 @@ def stage_key(stage: Stage, config: PipelineConfig, upstream_keys: list[str]) ->
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def stage_keys(config: PipelineConfig) -> dict[str, str]:
+    """Every stage's cache key for ``config``, in order."""
+    keys: dict[str, str] = {}
+    for stage in STAGES:
+        keys[stage.name] = stage_key(stage, config, [keys[u] for u in stage.upstream])
+    return keys
+
+
 def _load_result(workdir: Path) -> StageResult | None:
     path = workdir / "result.json"
     if not path.is_file():
@@ -111,8 +119,15 @@ def run_pipeline(
     tracker: Tracker | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    until: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> PipelineReport:
-    """Run every stage in order (skipping cached ones) under one MLflow parent run."""
+    """Run every stage in order (skipping cached ones) under one MLflow parent run, up to and
+    including ``until`` (None: all), with ``tags`` added to every run."""
+    names = [s.name for s in STAGES]
+    if until is not None and until not in names:
+        raise ValueError(f"until={until!r} is not a stage: {', '.join(names)}")
+    stages = STAGES[: names.index(until) + 1] if until else STAGES
     cache = cache or default_cache()
     tracker = tracker or Tracker()
     closed = tracker.close_killed_runs()
@@ -120,15 +135,15 @@ def run_pipeline(
         echo(f"marked {len(closed)} run(s) of a killed earlier invocation as FAILED")
     device = pick_device(config.device)
     reports: list[StageReport] = []
-    keys: dict[str, str] = {}
+    keys = stage_keys(config)
     done: dict[str, tuple[Path, StageResult]] = {}
     tags = {"edgepc.target": config.target, "edgepc.git_commit": git_commit(),
-            "edgepc.device": describe(device), "edgepc.version": __version__}  # fmt: skip
+            "edgepc.device": describe(device), "edgepc.version": __version__,
+            **(tags or {})}  # fmt: skip
     dumped = config.model_dump(mode="json")
     with tracker.run(config.name, {**tags, "edgepc.kind": "pipeline"}) as parent:
         tracker.log_dict(dumped, "config.yaml")
-        for stage in STAGES:
-            keys[stage.name] = stage_key(stage, config, [keys[u] for u in stage.upstream])
+        for stage in stages:
             workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
             result = _load_result(workdir) if stage.cached else None
             params = flatten({s: dumped[s] for s in stage.sections}, f"{stage.name}.")
@@ -161,6 +176,7 @@ def run_pipeline(
             seconds = time.perf_counter() - started
             reports.append(StageReport(stage.name, status, seconds, result.metrics, rid))
         tracker.log_metrics({f"{r.stage}.{k}": v for r in reports for k, v in r.metrics.items()})
+        tracker.log_metrics({f"{r.stage}.seconds": r.seconds for r in reports})
     rows = done["validate"][1].facts["rows"] if "validate" in done else {}
     return PipelineReport(config.name, parent, tracker.uri, reports, artifacts_table(done), rows)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from edgepc.data import channel_stats, fingerprint, load_dataset, make_splits
 from edgepc.data.datasets import ImageDataset
-from edgepc.distill.evaluate import evaluate_embeddings, predict
+from edgepc.distill.evaluate import evaluate_embeddings, linear_probe, predict
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
 from edgepc.errors import ModelError
@@ -119,6 +120,12 @@ def _build(name: str, data: StageResult) -> EmbeddingModel:
     return build_model(name, len(data.facts["classes"]), data.facts["channels"])
 
 
+def subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Sorted positions of a fixed random subset of ``limit`` of ``size`` items (None: all)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=gen)[:limit].sort().values
+
+
 def _fit(
     model: EmbeddingModel,
     prepared: PreparedData,
@@ -126,13 +133,16 @@ def _fit(
     seed: int,
     ctx: StageContext,
     title: str,
+    keep: torch.Tensor | None = None,
     **teacher: object,
-) -> None:
-    """Train on the train split with the stage's checkpoint, then plot the curves."""
+) -> list[dict[str, float]]:
+    """Train on the train split (its positions ``keep``: all when None) with the stage's
+    checkpoint, then plot the curves."""
+    rows = prepared.train if keep is None else prepared.train[keep]
     history = train(
         model,
-        prepared.dataset.train_images[prepared.train],
-        prepared.dataset.train_labels[prepared.train],
+        prepared.dataset.train_images[rows],
+        prepared.dataset.train_labels[rows],
         prepared.norm,
         TrainConfig(**section.model_dump(), seed=seed),
         ctx.device,
@@ -142,6 +152,7 @@ def _fit(
         **teacher,
     )
     plot_history(history, ctx.workdir / "curves.png", title)
+    return history
 
 
 def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
@@ -194,10 +205,12 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
     prepared = prepare_data(config, data, data_dir)
     outputs = torch.load(teacher_dir / teacher.files["outputs"], weights_only=True)
     section = config.distill
-    torch.manual_seed(config.seed)
+    seed = config.seed if section.seed is None else section.seed
+    torch.manual_seed(seed)
     student = _build(section.student, data)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
-    cached = TeacherTargets(outputs["train"]["logits"], outputs["train"]["embeddings"])
+    keep = subset(len(prepared.train), section.train_limit, config.seed)
+    cached = TeacherTargets(outputs["train"]["logits"][keep], outputs["train"]["embeddings"][keep])
     teacher_model = None
     if section.train.augment:  # augmented batches need the teacher itself, not its cache
         teacher_model = _build(config.teacher.model, data)
@@ -207,19 +220,22 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
         teacher_model.to(ctx.device)
         cached = None
     needs_teacher = section.train.beta > 0 or section.train.baselines
-    _fit(
+    history = _fit(
         student,
         prepared,
         section.train,
-        config.seed,
+        seed,
         ctx,
         f"student {section.student}",
+        keep,
         teacher=teacher_model if needs_teacher else None,
         cached=cached if needs_teacher else None,
     )
     atomic_save(student.model.state_dict(), ctx.workdir / "student.pt")
     bank = predict(student, images[prepared.train], prepared.norm, ctx.device)[1]
-    metrics: dict[str, float] = {}
+    probe = linear_probe(bank, labels[prepared.train])
+    speed = [h["images_per_s"] for h in history] or [0.0]  # no epochs: no speed
+    metrics = {"train_size": len(keep), "train_images_per_s": statistics.median(speed)}
     for part, x, y in (
         ("val", images[prepared.val], labels[prepared.val]),
         ("test", prepared.dataset.test_images, prepared.dataset.test_labels),
@@ -234,6 +250,7 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
             outputs[part]["embeddings"],
             section.pc_eval_limit,
             ctx.device,
+            probe,
         )
         metrics |= {f"{part}_{k}": v for k, v in scores.items()}
     files = {"model": "student.pt", "curves": "curves.png"}
@@ -267,8 +284,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
     section, target, norm = config.qat, config.target, prepared.norm
     fp32 = build_student(config, data, upstream["distill"]).to(ctx.device)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
-    gen = torch.Generator().manual_seed(config.seed)
-    keep = torch.randperm(len(prepared.train), generator=gen)[: section.train_limit].sort().values
+    keep = subset(len(prepared.train), section.train_limit, config.seed)
 
     def split(x: torch.Tensor, y: torch.Tensor, teacher_embeddings: torch.Tensor) -> finetune.Split:
         return finetune.Split(x, y, teacher_embeddings, predict(fp32, x, norm, ctx.device)[1])

@@ -180,8 +180,16 @@ class Tracker:
 
     def stage_runs(self, stage: str) -> list[dict]:
         """Every run of a stage (newest first) as ``{"run_id", "tags", "metrics"}``."""
+        return self.search({"edgepc.stage": stage})
+
+    def search(self, tags: Mapping[str, str], finished: bool = False) -> list[dict]:
+        """Runs carrying all ``tags`` (newest first; only FINISHED ones when ``finished``) as
+        ``{"run_id", "tags", "metrics"}``."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if finished:
+            clauses.append("attributes.status = 'FINISHED'")
         runs = self.client.search_runs(
-            [self.experiment_id], f"tags.`edgepc.stage` = '{stage}'", max_results=1000
+            [self.experiment_id], " and ".join(clauses), max_results=1000
         )
         return [{"run_id": r.info.run_id, "tags": r.data.tags, "metrics": r.data.metrics}
                 for r in runs]  # fmt: skip
