@@ -9,6 +9,8 @@ from edgepc.models.zoo import WideResNet
 EMBEDDING_DIMS = {
     "resnet18": 512,
     "wrn16_4": 256,
+    "resnet32x4": 256,
+    "resnet8x4": 256,
     "mobilenetv2_1.0": 1280,
     "mobilenetv2_0.5": 1280,
     "shufflenetv2_0.5": 1024,
@@ -42,6 +44,10 @@ def test_students_are_smaller_than_teachers():
     students = [sizes[n] for n, s in MODELS.items() if s.role == "student"]
     assert max(students) < min(teachers)
     assert sizes["tiny_cnn"] < 50_000
+    # The KD literature's CIFAR-100 pair, at its published sizes (7.43 M and 1.23 M).
+    cifar = {n: n_params(build_model(n, 100, 3)) for n in ("resnet32x4", "resnet8x4")}
+    assert cifar["resnet32x4"] == pytest.approx(7.43e6, rel=0.01)
+    assert cifar["resnet8x4"] == pytest.approx(1.23e6, rel=0.01)
 
 
 def test_embedding_is_the_pooled_output_of_the_named_layer():

@@ -67,6 +67,56 @@ class WideResNet(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
+class _BasicBlock(nn.Module):
+    """Post-activation basic block of the CIFAR ResNets (He et al., 2016)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = _conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-``depth`` for 32 px images, ``depth`` = 6n + 2, stem ``widths[0]`` then three
+    groups of n blocks: ``resnet8x4`` / ``resnet32x4`` of the KD literature (widths 32-256)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        depth: int,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ModelError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+        n = (depth - 2) // 6
+        layers: list[nn.Module] = [
+            _conv3x3(in_channels, widths[0]),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+        ]
+        for group, stride in zip(range(3), (1, 2, 2), strict=True):
+            for i in range(n):
+                cin = widths[group] if i == 0 else widths[group + 1]
+                layers.append(_BasicBlock(cin, widths[group + 1], stride if i == 0 else 1))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
 def mobilenet_v2(num_classes: int, in_channels: int, width: float) -> nn.Module:
     """torchvision MobileNetV2 at ``width``, first conv stride 1 for 28-32 px images."""
     model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
@@ -134,6 +184,8 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec(resnet18, "avgpool", "teacher"),
     "wrn16_4": ModelSpec(lambda n, c: WideResNet(n, c, 16, 4), "pool", "teacher"),
+    "resnet32x4": ModelSpec(lambda n, c: CifarResNet(n, c, 32), "pool", "teacher"),
+    "resnet8x4": ModelSpec(lambda n, c: CifarResNet(n, c, 8), "pool", "student"),
     "mobilenetv2_1.0": ModelSpec(lambda n, c: mobilenet_v2(n, c, 1.0), "features", "student"),
     "mobilenetv2_0.5": ModelSpec(lambda n, c: mobilenet_v2(n, c, 0.5), "features", "student"),
     "shufflenetv2_0.5": ModelSpec(shufflenet_v2_x0_5, "conv5", "student"),

@@ -1,0 +1,557 @@
+"""The comparison study: perception coherence against the baselines, under one protocol.
+
+    python benchmarks/compare_losses.py                     # pipelines/study.yaml → docs/RESULTS.md
+    python benchmarks/compare_losses.py --pairs mnist-tiny  # one pair (the report holds all done)
+    python benchmarks/compare_losses.py --profile smoke --out /tmp/study/RESULTS.md   # CI
+
+Every run is an ordinary pipeline run up to the distill stage (the deployed int8 rows: up to
+validate) in the MLflow store, tagged ``edgepc.study``. For each pair, setting and method, the
+trials of the grid are trained with the first seed and the best on the validation split is
+trained with every seed; the report shows test-split mean ± std. A run whose config (cache key)
+is already in the store is read back, not retrained: a rerun regenerates the report in seconds
+and trains only what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from edgepc import __version__
+from edgepc.distill.losses import loss_names
+from edgepc.errors import EdgepcError
+from edgepc.hardware import cpu_name
+from edgepc.pipelines.config import PIPELINES, ConfigError, load_config
+from edgepc.pipelines.runner import default_cache, run_pipeline, stage_keys
+from edgepc.tracking import Tracker, git_commit
+
+ROOT = Path(__file__).resolve().parents[1]
+Setting = Literal["class_unaware", "class_aware"]
+SELECTS = ("top1", "knn_top1", "probe_top1")
+TEST_METRICS = ("top1", "knn_top1", "probe_top1", "pc_triplet_agreement", "pc_spearman")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SettingSpec(_Strict):
+    alpha: float = Field(ge=0)
+    select: Literal["top1", "knn_top1", "probe_top1"]
+    grid: dict[str, list[float]] = Field(min_length=1, max_length=1)  # one knob: its values
+
+
+class Pair(_Strict):
+    title: str
+    overrides: list[str]
+
+
+class Deploy(_Strict):
+    pair: str
+    overrides: list[str] = []
+
+
+class Study(_Strict):
+    name: str
+    pipeline: str = "cpu"
+    seeds: list[int] = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+    settings: dict[Setting, SettingSpec] = Field(min_length=1)
+    pairs: dict[str, Pair] = Field(min_length=1)
+    deploy: Deploy | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> Study:
+        for method in self.methods:
+            if method not in ("scratch", *loss_names()):
+                raise ValueError(f"method {method!r} is neither scratch nor a registered loss")
+        if self.deploy and self.deploy.pair not in self.pairs:
+            raise ValueError(f"deploy.pair {self.deploy.pair!r} is not one of the pairs")
+        return self
+
+
+def load_study(path: Path, profile: str | None = None) -> Study:
+    """The study config, with a profile's top-level keys replacing the file's."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+        profiles = raw.pop("profiles", {}) or {}
+        if profile is not None:
+            if profile not in profiles:
+                raise ConfigError(f"profile {profile!r} is not in {path.name}: {list(profiles)}")
+            raw |= profiles[profile]
+        return Study.model_validate(raw)
+    except (OSError, yaml.YAMLError, AttributeError) as error:
+        raise ConfigError(f"cannot read study config {path}: {error}") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path.name}: {where}: {first['msg']}") from None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One pipeline run of the study: which pair, setting, method, trial value and seed."""
+
+    pair: str
+    setting: str
+    method: str
+    knob: str
+    value: float | None  # None: the method has no value on this knob (scratch's weight)
+    seed: int
+    deploy: bool = False
+
+    def overrides(self, study: Study) -> list[str]:
+        spec = study.settings[self.setting]
+        train = "distill.train"
+        if self.method == "scratch":  # labels only, in both settings: the reference row
+            loss = [f"{train}.alpha=1.0", f"{train}.beta=0", f"{train}.baselines={{}}"]
+        elif self.method == "pc":
+            loss = [f"{train}.alpha={spec.alpha}", f"{train}.baselines={{}}", f"{train}.beta=1.0"]
+        else:
+            loss = [f"{train}.alpha={spec.alpha}", f"{train}.beta=0",
+                    f"{train}.baselines={{{self.method}: {{weight: 1.0}}}}"]  # fmt: skip
+        trial = []
+        if self.value is not None:
+            if self.knob != "weight":
+                trial = [f"{self.knob}={self.value}"]
+            elif self.method == "pc":
+                trial = [f"{train}.beta={self.value}"]
+            else:
+                trial = [f"{train}.baselines={{{self.method}: {{weight: {self.value}}}}}"]
+        deploy = study.deploy.overrides if self.deploy and study.deploy else []
+        pair = study.pairs[self.pair].overrides
+        return [*pair, *loss, *trial, f"distill.seed={self.seed}", *deploy]
+
+    @property
+    def label(self) -> str:
+        value = "" if self.value is None else f" {self.knob.split('.')[-1]}={self.value:g}"
+        kind = " int8" if self.deploy else ""
+        return f"{self.pair} {self.setting} {self.method}{value} seed {self.seed}{kind}"
+
+
+def trials(study: Study, pair: str, setting: str, method: str, seed: int) -> list[Run]:
+    """The grid of one method (scratch has no loss weight: one trial on a weight grid)."""
+    ((knob, values),) = study.settings[setting].grid.items()
+    if method == "scratch" and knob == "weight":
+        return [Run(pair, setting, method, knob, None, seed)]
+    return [Run(pair, setting, method, knob, v, seed) for v in values]
+
+
+class Executor:
+    """Runs (or reads back from MLflow) the pipeline of a study run; counts what it trained."""
+
+    def __init__(self, study: Study, tracker: Tracker, cache: Path) -> None:
+        self.study, self.tracker, self.cache = study, tracker, cache
+        self.trained = self.reused = 0
+
+    def __call__(self, run: Run) -> dict[str, float]:
+        until = "validate" if run.deploy else "distill"
+        config = load_config(self.study.pipeline, overrides=run.overrides(self.study))
+        key = stage_keys(config)[until]
+        tags = {"edgepc.study": self.study.name, "edgepc.study.key": key}
+        found = self.tracker.search({**tags, "edgepc.kind": "pipeline"}, finished=True)
+        if found:
+            self.reused += 1
+            return found[0]["metrics"]
+        tags |= {f"edgepc.study.{k}": str(v) for k, v in asdict(run).items()}
+        report = run_pipeline(
+            config, self.cache, self.tracker, progress=False, echo=lambda _: None,
+            until=until, tags=tags,
+        )  # fmt: skip
+        self.trained += 1
+        metrics = {f"{s.stage}.{k}": v for s in report.stages for k, v in s.metrics.items()}
+        return metrics | {f"{s.stage}.seconds": s.seconds for s in report.stages}
+
+
+@dataclass
+class Record:
+    run: Run
+    phase: str  # tune | final | deploy
+    metrics: dict[str, float]
+
+
+def plan(study: Study, pairs: list[str], execute: Executor) -> Iterator[Record]:
+    """Tune on the first seed, then every seed at the chosen trial; then the int8 rows."""
+    first, *others = study.seeds
+    for pair, (setting, spec), method in itertools.product(
+        pairs, study.settings.items(), study.methods
+    ):
+        tuned = []
+        for run in trials(study, pair, setting, method, first):
+            tuned.append(Record(run, "tune", execute(run)))
+            yield tuned[-1]
+        best = choose(tuned, spec.select)
+        yield Record(best.run, "final", best.metrics)
+        for seed in others:
+            run = Run(pair, setting, method, best.run.knob, best.run.value, seed)
+            yield Record(run, "final", execute(run))
+
+
+def choose(tuned: list[Record], select: str) -> Record:
+    """The trial with the highest validation ``select`` metric (the first on ties)."""
+    return max(tuned, key=lambda r: r.metrics[f"distill.val_{select}"])
+
+
+def deploy_plan(study: Study, records: list[Record], execute: Executor) -> Iterator[Record]:
+    """PC and the baseline with the best mean validation top-1, class-aware, every seed, int8."""
+    if study.deploy is None or "class_aware" not in study.settings:
+        return
+    final = [r for r in records if r.phase == "final" and r.run.pair == study.deploy.pair
+             and r.run.setting == "class_aware"]  # fmt: skip
+    rows = summarise(final)
+    baselines = [m for m in rows if m not in ("pc", "scratch")]
+    if "pc" not in rows or not baselines:
+        return
+    best = max(baselines, key=lambda m: rows[m]["val_top1"].mean)
+    for method in ("pc", best):
+        for record in (r for r in final if r.run.method == method):
+            run = Run(**{**asdict(record.run), "deploy": True})
+            yield Record(run, "deploy", execute(run))
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float  # sample standard deviation over seeds (0 for one seed)
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} ± {self.std:.4f}" if self.n > 1 else f"{self.mean:.4f}"
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return cls(statistics.fmean(values), std, len(values))
+
+
+def summarise(final: list[Record], stage: str = "distill") -> dict[str, dict[str, Stat]]:
+    """Per method: each metric over seeds (val_*, test_*, train_images_per_s)."""
+    by_method: dict[str, list[dict[str, float]]] = {}
+    for record in final:
+        by_method.setdefault(record.run.method, []).append(record.metrics)
+    prefix = f"{stage}."
+    return {
+        method: {
+            key[len(prefix) :]: Stat.of([m[key] for m in runs])
+            for key in runs[0]
+            if key.startswith(prefix) and all(key in m for m in runs)
+        }
+        for method, runs in by_method.items()
+    }
+
+
+def verdict(pc: Stat, other: Stat) -> str:
+    """win / tie / lose for PC: the difference of means against twice its standard error."""
+    diff = pc.mean - other.mean
+    se = math.sqrt(pc.std**2 / max(pc.n, 1) + other.std**2 / max(other.n, 1))
+    if pc.n < 2 or other.n < 2:
+        return "one seed: no noise estimate"
+    if abs(diff) <= 2 * se:
+        return f"tie (Δ {100 * diff:+.2f} points, 2·SE {200 * se:.2f})"
+    word = "wins" if diff > 0 else "loses"
+    return f"{word} (Δ {100 * diff:+.2f} points, 2·SE {200 * se:.2f})"
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def _metric_for(setting: str) -> list[str]:
+    return ["top1", "knn_top1", "probe_top1"] if setting == "class_aware" else [
+        "knn_top1", "probe_top1"]  # fmt: skip
+
+
+def method_table(study: Study, records: list[Record], pair: str, setting: str) -> str:
+    final = [
+        r for r in records if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)
+    ]
+    rows = summarise(final)
+    chosen = {r.run.method: r.run for r in final}
+    metrics = _metric_for(setting)
+    select = study.settings[setting].select
+    head = ["method", "chosen", f"val {select}", *(f"test {m}" for m in metrics),
+            "triplet agreement", "spearman", "train img/s"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in study.methods:
+        if method not in rows:
+            continue
+        s, run = rows[method], chosen[method]
+        value = "—" if run.value is None else f"{run.knob.split('.')[-1]} = {run.value:g}"
+        cells = [method, value, str(s[f"val_{select}"]), *(str(s[f"test_{m}"]) for m in metrics),
+                 str(s["test_pc_triplet_agreement"]), str(s["test_pc_spearman"]),
+                 f"{s['train_images_per_s'].mean:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_table(records: list[Record], pair: str, setting: str, select: str) -> str:
+    tuned = [
+        r for r in records if r.phase == "tune" and (r.run.pair, r.run.setting) == (pair, setting)
+    ]
+    by_method: dict[str, list[Record]] = {}
+    for r in tuned:
+        by_method.setdefault(r.run.method, []).append(r)
+    lines = [f"| method | trials: value → val {select} (first seed) |", "|---|---|"]
+    for method, rs in by_method.items():
+        best = choose(rs, select)
+        cells = []
+        for r in rs:
+            v = "—" if r.run.value is None else f"{r.run.value:g}"
+            text = f"{v} → {r.metrics[f'distill.val_{select}']:.4f}"
+            cells.append(f"**{text}**" if r is best else text)
+        lines.append(f"| {method} | {'; '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def reading(study: Study, records: list[Record], pair: str, setting: str) -> list[str]:
+    final = [
+        r for r in records if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)
+    ]
+    rows = summarise(final)
+    if "pc" not in rows:
+        return []
+    lines = []
+    for metric in [*_metric_for(setting), "pc_triplet_agreement"]:
+        key = f"test_{metric}"
+        others = {m: s[key] for m, s in rows.items() if m not in ("pc", "scratch")}
+        if not others:
+            continue
+        best = max(others, key=lambda m: others[m].mean)
+        rank = 1 + sum(s[key].mean > rows["pc"][key].mean for m, s in rows.items() if m != "pc")
+        pc = rows["pc"][key]
+        lines.append(
+            f"- test {metric}: PC ranks {rank} of {len(rows)}; against the best baseline "
+            f"({best}, {others[best]}) PC ({pc}) {verdict(pc, others[best])}."
+        )
+    return lines
+
+
+def deploy_table(records: list[Record]) -> str:
+    deployed = [r for r in records if r.phase == "deploy"]
+    if not deployed:
+        return ""
+    rows = summarise(deployed, "validate")
+    head = ["method", "fp32 top-1 (onnxruntime)", "int8 top-1", "int8 drop (points)",
+            "fp32 triplet", "int8 triplet", "int8 p50 ms (1 thread)", "int8 MB"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, s in rows.items():
+        drop = s["int8_drop_points"]
+        cells = [method, str(s["fp32_test_top1"]), str(s["int8_test_top1"]),
+                 f"{drop.mean:.2f} ± {drop.std:.2f}", str(s["fp32_test_pc_triplet_agreement"]),
+                 str(s["int8_test_pc_triplet_agreement"]), f"{s['int8_p50_ms_1t'].mean:.3f}",
+                 f"{s['int8_size_mb'].mean:.3f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(study: Study, records: list[Record], pairs: list[str], path: Path) -> None:
+    """Test accuracy by method with seed error bars: one panel per pair and setting."""
+    panels = [(p, s) for p in pairs for s in study.settings]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (pair, setting) in zip(axes[0], panels, strict=True):
+        final = [
+            r
+            for r in records
+            if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)
+        ]
+        rows = summarise(final)
+        methods = [m for m in study.methods if m in rows]
+        for i, metric in enumerate(_metric_for(setting)):
+            means = [rows[m][f"test_{metric}"].mean for m in methods]
+            stds = [rows[m][f"test_{metric}"].std for m in methods]
+            xs = [j + 0.2 * (i - 1) for j in range(len(methods))]
+            ax.errorbar(xs, means, yerr=stds, fmt="o", capsize=3, label=metric)
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
+        ax.set_title(f"{pair}\n{setting}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_coherence(study: Study, records: list[Record], pairs: list[str], path: Path) -> None:
+    """pc_triplet_agreement against accuracy across methods: one panel per pair and setting."""
+    panels = [(p, s) for p in pairs for s in study.settings]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (pair, setting) in zip(axes[0], panels, strict=True):
+        final = [
+            r
+            for r in records
+            if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)
+        ]
+        rows = summarise(final)
+        metric = "top1" if setting == "class_aware" else "knn_top1"
+        for method, s in rows.items():
+            x, y = s["test_pc_triplet_agreement"], s[f"test_{metric}"]
+            ax.errorbar(x.mean, y.mean, xerr=x.std, yerr=y.std, fmt="o", capsize=2)
+            ax.annotate(method, (x.mean, y.mean), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("test pc_triplet_agreement vs teacher")
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"{pair} · {setting}", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def loss_cost_table() -> str:
+    path = ROOT / "benchmarks" / "results" / "loss_cost.json"
+    if not path.is_file():
+        return "(no benchmarks/results/loss_cost.json: run `python benchmarks/loss_cost.py`)"
+    data = json.loads(path.read_text())
+    points = [p for p in data["points"] if p["batch"] == 128 and p["seconds"] is not None]
+    lines = ["| loss | forward + backward, B = 128 (ms) | peak extra MiB |", "|---|---|---|"]
+    lines += [f"| {p['loss']} | {1000 * p['seconds']:.1f} | {p['peak_mib']:.0f} |" for p in points]
+    return (
+        "\n".join(lines)
+        + f"\n\n{data['device_name']}, {data['threads']} threads: `{data['command']}`"
+    )
+
+
+def report(
+    study: Study, records: list[Record], pairs: list[str], out: Path, command: str, wall: float
+) -> str:
+    figures = out.parent / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(study, records, pairs, figures / f"{study.name}-accuracy.png")
+    plot_coherence(study, records, pairs, figures / f"{study.name}-coherence.png")
+    compute = sum(v for r in records for k, v in r.metrics.items() if k.endswith(".seconds"))
+    seeds = ", ".join(map(str, study.seeds))
+    lines = [
+        f"# {study.name}: perception coherence against the baselines",
+        "",
+        f"Generated by `{command}` (never edit by hand) on {datetime.now(UTC):%Y-%m-%d} · "
+        f"{cpu_name()} · torch {torch.__version__} · edgepc {__version__} "
+        f"(commit {git_commit()[:10]}).",
+        "",
+        f"- {len(records)} runs (tuning, seeds {seeds}, int8); their training and evaluation "
+        f"took {compute / 3600:.2f} h of compute when they ran; this invocation took "
+        f"{wall / 60:.1f} min.",
+        f"- Every run is the `{study.pipeline}` pipeline up to its distill stage with the pair's "
+        "overrides: same teacher, student, split, epochs, optimiser, schedule and augmentation; "
+        "only the transfer loss (and its tuned value) differs. Runs are in MLflow with the tag "
+        f"`edgepc.study = {study.name}`.",
+        "- **class-unaware**: α = 0, the transfer loss alone; quality by kNN top-1 (k = 5, "
+        "cosine), a linear probe (L-BFGS on the frozen embeddings of the whole train split) "
+        "and pc_* against the teacher. `scratch` is the labelled reference (CE only).",
+        "- **class-aware**: α = 1, CE + weight · transfer loss; top-1 of the student's head.",
+        "- Tuning: each method gets the same grid on the first seed; the trial with the best "
+        "validation metric is then trained with every seed. Test-split mean ± sample std over "
+        "seeds. Verdicts: |Δ| ≤ 2 standard errors of the difference is a tie.",
+        "",
+        f"![accuracy by method](results/{study.name}-accuracy.png)",
+        "",
+        f"![coherence against accuracy](results/{study.name}-coherence.png)",
+        "",
+    ]
+    for pair in pairs:
+        spec = study.pairs[pair]
+        teacher = next((r.metrics for r in records if r.run.pair == pair), {})
+        lines += [
+            f"## {spec.title}",
+            "",
+            f"Teacher test top-1 {teacher.get('teacher.test_top1', float('nan')):.4f}, kNN top-1 "
+            f"{teacher.get('teacher.test_knn_top1', float('nan')):.4f}. Overrides: "
+            + ", ".join(f"`{o}`" for o in spec.overrides),
+            "",
+        ]
+        for setting, setting_spec in study.settings.items():
+            ((knob, values),) = setting_spec.grid.items()
+            lines += [
+                f"### {pair} · {setting.replace('_', '-')}",
+                "",
+                method_table(study, records, pair, setting),
+                "",
+                *reading(study, records, pair, setting),
+                "",
+                f"<details><summary>grid: {knob} ∈ {values}</summary>",
+                "",
+                grid_table(records, pair, setting, setting_spec.select),
+                "",
+                "</details>",
+                "",
+            ]
+    table = deploy_table(records)
+    if table and study.deploy:
+        lines += [
+            f"## Deployed int8 ({study.deploy.pair}, class-aware, {study.pipeline} target)",
+            "",
+            "PC against the baseline with the best mean validation top-1, each seed through "
+            "coherence-keeping QAT, export and validation in onnxruntime on the test split. "
+            "Overrides: " + ", ".join(f"`{o}`" for o in study.deploy.overrides),
+            "",
+            table,
+            "",
+        ]
+    lines += ["## Cost per training step of each loss", "", loss_cost_table(), ""]
+    lines += ["`train img/s` in the tables above is the whole training step of each run.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=PIPELINES / "study.yaml")
+    parser.add_argument("--profile", help="a profile of the study config (smoke)")
+    parser.add_argument("--pairs", nargs="*", help="train only these pairs (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument("--cache", type=Path, default=None, help=f"default {default_cache()}")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: the project's)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        study = load_study(args.config, args.profile)
+        pairs = args.pairs or list(study.pairs)
+        unknown = sorted(set(pairs) - set(study.pairs))
+        if unknown:
+            raise ConfigError(f"unknown pairs {unknown}; the study has {list(study.pairs)}")
+        tracker = Tracker(args.tracking_uri)
+        execute = Executor(study, tracker, args.cache or default_cache())
+        records: list[Record] = []
+        bar = tqdm(desc=study.name, unit="run")
+        for record in plan(study, pairs, execute):
+            records.append(record)
+            bar.set_postfix_str(record.run.label)
+            bar.update()
+        records += list(deploy_plan(study, records, execute))
+        bar.close()
+    except (EdgepcError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    command = "python benchmarks/compare_losses.py " + " ".join(argv or sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = report(study, records, pairs, args.out, command.strip(),
+                  time.perf_counter() - started)  # fmt: skip
+    args.out.write_text(text)
+    raw = {"study": study.model_dump(), "python": platform.python_version(),
+           "trained": execute.trained, "reused": execute.reused,
+           "records": [{"run": asdict(r.run), "phase": r.phase, "metrics": r.metrics}
+                       for r in records]}  # fmt: skip
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    print(f"{execute.trained} runs trained, {execute.reused} read back from MLflow; {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The comparison study (benchmarks/compare_losses.py): its protocol, its bookkeeping, and a
+smoke run end to end on real Fashion-MNIST that a rerun reads back from MLflow."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgepc.pipelines.config import PIPELINES, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location(
+    "compare_losses", ROOT / "benchmarks/compare_losses.py"
+)
+study_module = importlib.util.module_from_spec(_spec)
+sys.modules["compare_losses"] = study_module  # dataclasses resolve their module
+_spec.loader.exec_module(study_module)
+Run, Record, Stat = study_module.Run, study_module.Record, study_module.Stat
+
+
+def study(profile=None, path=PIPELINES / "study.yaml"):
+    return study_module.load_study(path, profile)
+
+
+@pytest.mark.parametrize("path", ["study.yaml", "study-cifar100.yaml"])
+def test_every_run_of_the_shipped_studies_is_a_valid_pipeline_config(path):
+    s = study(path=PIPELINES / path)
+    for pair in s.pairs:
+        for setting in s.settings:
+            for method in s.methods:
+                for run in study_module.trials(s, pair, setting, method, s.seeds[0]):
+                    config = load_config(s.pipeline, overrides=run.overrides(s))
+                    assert config.distill.seed == s.seeds[0]
+                    deployed = Run(**{**run.__dict__, "deploy": True})
+                    load_config(s.pipeline, overrides=deployed.overrides(s))
+
+
+def test_a_run_differs_from_another_only_in_its_loss_and_trial():
+    s = study()
+    train = {}
+    for method, value in (("scratch", None), ("kd", 3.0), ("pc", 3.0), ("fitnet", 0.3)):
+        run = Run("fmnist-tiny", "class_aware", method, "weight", value, 1)
+        train[method] = load_config(s.pipeline, overrides=run.overrides(s)).distill.train
+    assert (train["scratch"].alpha, train["scratch"].beta, train["scratch"].baselines) == (1, 0, {})
+    assert (train["kd"].alpha, train["kd"].beta, train["kd"].baselines) == (
+        1,
+        0,
+        {"kd": {"weight": 3.0}},
+    )
+    assert (train["pc"].beta, train["pc"].baselines, train["pc"].pc.tau) == (3.0, {}, 0.3)
+    assert train["fitnet"].baselines == {"fitnet": {"weight": 0.3}}
+    shared = {"epochs", "batch_size", "lr", "optimizer", "schedule", "augment", "weight_decay"}
+    for t in train.values():
+        assert {k: getattr(t, k) for k in shared} == {k: getattr(train["pc"], k) for k in shared}
+    unaware = Run("fmnist-tiny", "class_unaware", "rkd_angle", "distill.train.lr", 0.01, 0)
+    t = load_config(s.pipeline, overrides=unaware.overrides(s)).distill.train
+    assert (t.alpha, t.lr, t.baselines) == (0, 0.01, {"rkd_angle": {"weight": 1.0}})
+
+
+def test_every_method_gets_the_same_budget_except_scratch_on_a_weight_grid():
+    s = study()
+    for setting, spec in s.settings.items():
+        ((_, values),) = spec.grid.items()
+        for method in s.methods:
+            n = len(study_module.trials(s, "fmnist-tiny", setting, method, 0))
+            unweighted = method == "scratch" and setting == "class_aware"
+            assert n == (1 if unweighted else len(values)), (setting, method)
+
+
+def test_bad_study_configs_are_one_line_errors(tmp_path):
+    raw = yaml.safe_load((PIPELINES / "study.yaml").read_text())
+    cases = {
+        "unknown method": ({**raw, "methods": ["pc", "pkd"]}, "'pkd' is neither scratch"),
+        "deploy pair": ({**raw, "deploy": {"pair": "nope"}}, "deploy.pair 'nope'"),
+        "extra key": ({**raw, "sedes": [0]}, "sedes"),
+        "two knobs": (
+            {
+                **raw,
+                "settings": {
+                    "class_aware": {"alpha": 1, "select": "top1", "grid": {"weight": [1], "x": [2]}}
+                },
+            },
+            "grid",
+        ),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(content))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            study(path=path)
+    with pytest.raises(ConfigError, match=r"profile 'fast' is not in study\.yaml"):
+        study("fast")
+
+
+def _record(method, seed, phase="final", value=1.0, **metrics):
+    run = Run("p", "class_aware", method, "weight", value, seed)
+    return Record(run, phase, {f"distill.{k}": v for k, v in metrics.items()})
+
+
+def test_selection_statistics_and_verdicts():
+    tuned = [_record("kd", 0, "tune", v, val_top1=a) for v, a in ((0.3, 0.5), (1, 0.7), (3, 0.7))]
+    assert study_module.choose(tuned, "top1").run.value == 1  # the first of the tied best
+    stat = Stat.of([0.80, 0.82, 0.84])
+    assert (stat.mean, stat.std, stat.n) == (pytest.approx(0.82), pytest.approx(0.02), 3)
+    assert str(stat) == "0.8200 ± 0.0200"
+    assert str(Stat.of([0.5])) == "0.5000"
+    rows = study_module.summarise([_record("pc", s, test_top1=a) for s, a in enumerate((0.8, 0.9))])
+    assert rows["pc"]["test_top1"].mean == pytest.approx(0.85)
+    verdict = study_module.verdict
+    assert verdict(Stat(0.90, 0.01, 3), Stat(0.80, 0.01, 3)).startswith("wins (Δ +10.00 points")
+    assert verdict(Stat(0.80, 0.01, 3), Stat(0.90, 0.01, 3)).startswith("loses")
+    assert verdict(Stat(0.81, 0.02, 3), Stat(0.80, 0.02, 3)).startswith("tie")
+    assert verdict(Stat(0.9, 0, 1), Stat(0.8, 0, 1)) == "one seed: no noise estimate"
+
+
+def test_int8_rows_are_pc_and_the_baseline_with_the_best_validation_top1():
+    s = study()
+    final = [
+        _record(method, seed, val_top1=top1)
+        for method, top1 in (("scratch", 0.99), ("kd", 0.80), ("sp", 0.85), ("pc", 0.70))
+        for seed in (0, 1, 2)
+    ]
+    final = [Record(Run(**{**r.run.__dict__, "pair": s.deploy.pair}), r.phase, r.metrics)
+             for r in final]  # fmt: skip
+    asked = []
+    rows = list(study_module.deploy_plan(s, final, lambda run: asked.append(run) or {}))
+    assert [(r.run.method, r.run.seed) for r in rows] == [
+        ("pc", 0),
+        ("pc", 1),
+        ("pc", 2),
+        ("sp", 0),
+        ("sp", 1),
+        ("sp", 2),
+    ]
+    assert all(r.run.deploy and r.phase == "deploy" for r in rows)
+    assert len(asked) == 6
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path):
+    out = tmp_path / "docs" / "RESULTS.md"
+    args = ["--profile", "smoke", "--out", str(out), "--cache", str(tmp_path / "cache"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    assert study_module.main(args) == 0
+    first = json.loads(out.with_suffix(".json").read_text())
+    # class-unaware: kd, pc × 1 lr; class-aware: kd, pc × 2 weights; one seed.
+    assert (first["trained"], first["reused"]) == (6, 0)
+    text = out.read_text()
+    for setting in ("class-unaware", "class-aware"):
+        section = text.split(f"### smoke · {setting}")[1].split("###")[0]
+        rows = [line for line in section.splitlines() if line.startswith(("| kd", "| pc"))]
+        assert len(rows) == 2, section
+        for row in rows:
+            numbers = [float(x) for x in re.findall(r"\b0\.\d{4}\b", row)]
+            assert len(numbers) >= 4
+            assert all(0 <= x <= 1 for x in numbers)
+    assert (out.parent / "results" / "study-accuracy.png").stat().st_size > 10_000
+    metrics = {(r["run"]["setting"], r["run"]["method"], r["run"]["value"]): r["metrics"]
+               for r in first["records"]}  # fmt: skip
+    assert all(m["distill.train_size"] == 200 for m in metrics.values())
+
+    assert study_module.main(args) == 0  # everything read back from MLflow, nothing trained
+    second = json.loads(out.with_suffix(".json").read_text())
+    assert (second["trained"], second["reused"]) == (0, 6)
+    assert second["records"] == first["records"]
+
+    changed = yaml.safe_load((PIPELINES / "study.yaml").read_text())
+    changed["profiles"]["smoke"]["settings"]["class_aware"]["grid"]["weight"] = [0.3, 2.0]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    assert study_module.main([*args, "--config", str(path)]) == 0
+    third = json.loads(out.with_suffix(".json").read_text())
+    assert (third["trained"], third["reused"]) == (2, 4)  # kd and pc at weight 2
