@@ -24,12 +24,18 @@ from tqdm import tqdm
 
 from edgepc import __version__
 from edgepc.coherence import perception_coherence_loss, perception_coherence_loss_reference
+from edgepc.distill.losses import build_loss
+from edgepc.distill.losses.dist import dist_loss
+from edgepc.distill.losses.kd import kd_loss
 from edgepc.distill.losses.pkt import pkt_loss
 from edgepc.distill.losses.rkd_angle import rkd_angle_loss
 from edgepc.distill.losses.rkd_distance import rkd_distance_loss
 from edgepc.distill.losses.sp import sp_loss
 from edgepc.measure import median_seconds, peak_memory, peak_memory_in_fresh_process
 
+DIM_TEACHER, DIM_STUDENT = 512, 128
+CLASSES = 10  # the logit-based losses (kd, dist) read the first CLASSES columns as logits
+_FITNET = build_loss("fitnet", student_dim=DIM_STUDENT, teacher_dim=DIM_TEACHER)
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "pc": perception_coherence_loss,
     "pc_reference": perception_coherence_loss_reference,
@@ -37,11 +43,13 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "rkd_distance": rkd_distance_loss,
     "pkt": pkt_loss,
     "sp": sp_loss,
+    "fitnet": lambda s, t: _FITNET.to(s.device)(s, t),
+    "kd": lambda s, t: kd_loss(s[:, :CLASSES], t[:, :CLASSES]),
+    "dist": lambda s, t: dist_loss(s[:, :CLASSES], t[:, :CLASSES]),
 }
 # Bytes per B³ that the O(B³)-memory losses hold at their peak (measured, rounded up):
 # a point is skipped, not attempted, when it would not fit in the memory available.
 CUBIC_BYTES = {"pc_reference": 9, "rkd_angle": 17}
-DIM_TEACHER, DIM_STUDENT = 512, 128
 RESULTS = Path(__file__).parent / "results"
 
 

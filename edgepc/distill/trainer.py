@@ -4,6 +4,13 @@ fine-tuning a quantized one (+ γ·L_PC against its own fp32 embeddings).
 The teacher runs in eval mode without gradient; its logits and embeddings are computed once and
 reused every epoch when the data is not augmented. Each epoch ends in a checkpoint written
 atomically; a rerun with the same checkpoint path resumes after the last finished epoch.
+
+Under ``torchrun`` (a process group of N ranks) ``batch_size`` is per rank: each step takes a
+global batch of N·batch_size images in the same order as one process would, each rank runs
+its contiguous part through the DistributedDataParallel student with global batch norm, and
+every loss term sees the whole global batch (outputs gathered with gradient), so N ranks train
+like one process with batch N·batch_size. Scale the learning rate with the global batch.
+Rank 0 alone writes the checkpoint; on resume its state is broadcast to the others.
 """
 
 from __future__ import annotations
@@ -23,6 +30,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from edgepc.coherence import PerceptionCoherenceLoss
+from edgepc.distill.distributed import (
+    broadcast,
+    gather,
+    gather_with_grad,
+    rank,
+    shard,
+    sync_batchnorm,
+    world_size,
+)
 from edgepc.distill.evaluate import predict
 from edgepc.distill.images import Normalisation, augment
 from edgepc.distill.losses import build_loss, loss_class
@@ -169,6 +185,12 @@ def train(
     with torch.no_grad():
         probe = model(norm.apply(images[:2].to(device)))[1]
     model.train()
+    world = world_size()
+    net: nn.Module = model
+    if world > 1:
+        sync_batchnorm(model, device)
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     teacher_dim = None
     if cached is not None:
         teacher_dim = cached.embeddings.shape[1]
@@ -183,7 +205,8 @@ def train(
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     # A last batch of fewer than 3 images is dropped: ranking needs 3, batch norm 2.
-    steps_per_epoch = len(images) // config.batch_size + (len(images) % config.batch_size >= 3)
+    batch_size = config.batch_size * world
+    steps_per_epoch = len(images) // batch_size + (len(images) % batch_size >= max(3, world))
     total = max(1, config.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -193,8 +216,11 @@ def train(
     )
     history: list[dict[str, float]] = []
     start_epoch = 0
-    if checkpoint is not None and checkpoint.exists():
+    state = None
+    if checkpoint is not None and checkpoint.exists() and rank() == 0:
         state = load_checkpoint(checkpoint)
+    state = broadcast(state)
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
             objective.load_state_dict(state["objective"])
@@ -218,15 +244,15 @@ def train(
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not progress,
+            disable=not progress or rank() > 0,
             leave=False,
         )
         for step in bar:
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             batch = images[idx]
             if config.augment:
                 batch = augment(batch, gen)
-            x = norm.apply(batch.to(device, non_blocking=True))
+            x = norm.apply(shard(batch).to(device, non_blocking=True))
             y = labels[idx].to(device, non_blocking=True)
             targets = None
             if cached is not None:
@@ -236,9 +262,10 @@ def train(
             elif teacher is not None:
                 with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
                     t_logits, t_emb = teacher.eval()(x)
-                targets = TeacherTargets(t_logits.float(), t_emb.float())
+                targets = TeacherTargets(gather(t_logits.float()), gather(t_emb.float()))
             with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-                logits, embeddings = model(x)
+                logits, embeddings = net(x)
+            logits, embeddings = gather_with_grad(logits), gather_with_grad(embeddings)
             ref = reference[idx].to(device) if reference is not None else None
             parts = objective(logits, embeddings, y, targets, ref)
             loss = sum(parts.values())
@@ -263,7 +290,7 @@ def train(
         if evaluate is not None:
             metrics |= evaluate()
         history.append(metrics)
-        if checkpoint is not None:
+        if checkpoint is not None and rank() == 0:
             atomic_save(
                 {
                     "epoch": epoch + 1,

@@ -3,6 +3,11 @@
 Runs data → teacher → distill → qat → export → validate → register for the config
 (``pipelines/TARGET.yaml``), skipping stages whose inputs are unchanged, and ends with a summary
 table (every artifact with its accuracy, coherence, latency and size) and where to see the runs.
+
+Data-parallel on N processes: ``torchrun --nproc_per_node=N -m edgepc.pipelines.run TARGET ...``
+(NCCL on GPUs, gloo on CPUs). The training stages run on every rank with a global batch of
+N × batch_size (scale the learning rate with it); rank 0 alone runs the other stages, writes the
+cache and MLflow runs, and prints the summary.
 """
 
 from __future__ import annotations
@@ -12,9 +17,17 @@ import sys
 import traceback
 from pathlib import Path
 
+from edgepc.distill.distributed import init_from_env, local_device, rank
 from edgepc.errors import EdgepcError
+from edgepc.hardware import pick_device
 from edgepc.pipelines.config import PIPELINES, load_config
-from edgepc.pipelines.runner import PipelineReport, default_cache, run_pipeline
+from edgepc.pipelines.runner import (
+    STAGES,
+    PipelineReport,
+    default_cache,
+    follow_pipeline,
+    run_pipeline,
+)
 
 TARGETS = ("cpu", "mobile", "jetson")
 KEY_METRICS = (
@@ -77,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile", choices=["quick", "full"], help="a profile of the config")
     parser.add_argument("--cache", type=Path, default=None, help=f"default {default_cache()}")
+    parser.add_argument("--until", choices=[s.name for s in STAGES], help="stop after this stage")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
     args = parser.parse_intermixed_args(argv)
@@ -85,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         reports = []
         for target in targets:
             config = load_config(target, args.config, args.profile, args.overrides)
-            reports.append(run_pipeline(config, args.cache, progress=not args.no_progress))
+            if init_from_env(local_device(pick_device(config.device))) and rank() > 0:
+                follow_pipeline(config, args.cache, args.until)
+                continue
+            progress = not args.no_progress
+            reports.append(run_pipeline(config, args.cache, progress=progress, until=args.until))
             print(summary(reports[-1]))
         if len(reports) > 1 and all(r.rows for r in reports):
             print(f"\nall artifacts (batch 1, 1 thread):\n{side_by_side(reports)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from edgepc import __version__
 from edgepc.data.datasets import data_home
+from edgepc.distill.distributed import barrier, broadcast, local_device, rank
+from edgepc.errors import EdgepcError
 from edgepc.hardware import describe, pick_device
 from edgepc.pipelines.config import PipelineConfig
 from edgepc.pipelines.deploy import export_stage, register_stage, validate_stage
@@ -43,6 +46,8 @@ class Stage:
     cached: bool = True  # False: runs every time (its effect lives outside the cache)
 
 
+# Stages that train: every rank of a torchrun takes part (the others run on rank 0 alone).
+DATA_PARALLEL = ("teacher", "distill", "qat")
 STAGES = (
     Stage("data", data_stage, ("data", "seed"), ()),
     Stage("teacher", teacher_stage, ("teacher", "seed"), ("data",)),
@@ -124,16 +129,13 @@ def run_pipeline(
 ) -> PipelineReport:
     """Run every stage in order (skipping cached ones) under one MLflow parent run, up to and
     including ``until`` (None: all), with ``tags`` added to every run."""
-    names = [s.name for s in STAGES]
-    if until is not None and until not in names:
-        raise ValueError(f"until={until!r} is not a stage: {', '.join(names)}")
-    stages = STAGES[: names.index(until) + 1] if until else STAGES
+    stages = _stages(until)
     cache = cache or default_cache()
     tracker = tracker or Tracker()
     closed = tracker.close_killed_runs()
     if closed:
         echo(f"marked {len(closed)} run(s) of a killed earlier invocation as FAILED")
-    device = pick_device(config.device)
+    device = local_device(pick_device(config.device))
     reports: list[StageReport] = []
     keys = stage_keys(config)
     done: dict[str, tuple[Path, StageResult]] = {}
@@ -151,7 +153,7 @@ def run_pipeline(
             if "data" in done:
                 stage_tags["edgepc.dataset_fingerprint"] = done["data"][1].facts["fingerprint"]
             started = time.perf_counter()
-            status = "cached" if result is not None else "ran"
+            status = str(broadcast("cached" if result is not None else "ran"))
             with tracker.run(stage.name, {**stage_tags, "edgepc.status": status}, params) as rid:
                 if result is None:
                     workdir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +174,7 @@ def run_pipeline(
                 if stage.name == "data":
                     tracker.set_tags({"edgepc.dataset_fingerprint": result.facts["fingerprint"]})
                 tracker.log_metrics(result.metrics)
+            barrier()  # ranks > 0 read the result now
             done[stage.name] = (workdir, result)
             seconds = time.perf_counter() - started
             reports.append(StageReport(stage.name, status, seconds, result.metrics, rid))
@@ -179,6 +182,40 @@ def run_pipeline(
         tracker.log_metrics({f"{r.stage}.seconds": r.seconds for r in reports})
     rows = done["validate"][1].facts["rows"] if "validate" in done else {}
     return PipelineReport(config.name, parent, tracker.uri, reports, artifacts_table(done), rows)
+
+
+def _stages(until: str | None) -> tuple[Stage, ...]:
+    names = [s.name for s in STAGES]
+    if until is not None and until not in names:
+        raise ValueError(f"until={until!r} is not a stage: {', '.join(names)}")
+    return STAGES[: names.index(until) + 1] if until else STAGES
+
+
+def follow_pipeline(
+    config: PipelineConfig, cache: Path | None = None, until: str | None = None
+) -> None:
+    """What ranks > 0 of a ``torchrun`` do while rank 0 runs :func:`run_pipeline`: take part in
+    each training stage rank 0 runs (in a scratch folder of their own, removed after), and read
+    every result from rank 0's cache. No MLflow, no cache writes."""
+    cache = cache or default_cache()
+    device = local_device(pick_device(config.device))
+    keys = stage_keys(config)
+    done: dict[str, tuple[Path, StageResult]] = {}
+    for stage in _stages(until):
+        workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
+        if broadcast(None) == "ran" and stage.name in DATA_PARALLEL:
+            scratch = cache / f".{workdir.name}.rank{rank()}"
+            scratch.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(scratch, device, lambda metrics, step: None, False)
+            try:
+                stage.run(config, {u: done[u] for u in stage.upstream}, ctx)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        barrier()
+        result = _load_result(workdir)
+        if result is None:
+            raise EdgepcError(f"rank 0 left no result for stage {stage.name} in {workdir}")
+        done[stage.name] = (workdir, result)
 
 
 def artifacts_table(done: dict[str, tuple[Path, StageResult]]) -> str:
