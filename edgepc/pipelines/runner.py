@@ -8,12 +8,14 @@ interrupted stage keeps its workdir, so a rerun resumes from its last checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,10 +145,15 @@ def run_pipeline(
             "edgepc.device": describe(device), "edgepc.version": __version__,
             **(tags or {})}  # fmt: skip
     dumped = config.model_dump(mode="json")
-    with tracker.run(config.name, {**tags, "edgepc.kind": "pipeline"}) as parent:
+    with (
+        tracker.run(config.name, {**tags, "edgepc.kind": "pipeline"}) as parent,
+        contextlib.ExitStack() as stack,
+    ):
         tracker.log_dict(dumped, "config.yaml")
         for stage in stages:
             workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
+            if stage.cached:
+                stack.enter_context(_stage_lock(workdir, echo))
             result = _load_result(workdir) if stage.cached else None
             params = flatten({s: dumped[s] for s in stage.sections}, f"{stage.name}.")
             stage_tags = {**tags, "edgepc.stage": stage.name, "edgepc.cache_key": keys[stage.name]}
@@ -174,6 +181,7 @@ def run_pipeline(
                 if stage.name == "data":
                     tracker.set_tags({"edgepc.dataset_fingerprint": result.facts["fingerprint"]})
                 tracker.log_metrics(result.metrics)
+            stack.close()  # the result is on disk: release the stage's lock
             barrier()  # ranks > 0 read the result now
             done[stage.name] = (workdir, result)
             seconds = time.perf_counter() - started
@@ -182,6 +190,31 @@ def run_pipeline(
         tracker.log_metrics({f"{r.stage}.seconds": r.seconds for r in reports})
     rows = done["validate"][1].facts["rows"] if "validate" in done else {}
     return PipelineReport(config.name, parent, tracker.uri, reports, artifacts_table(done), rows)
+
+
+@contextlib.contextmanager
+def _stage_lock(workdir: Path, echo: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of a stage's cache folder: another pipeline that reaches the same stage
+    (same key) waits here, then finds the result cached instead of computing it again."""
+    path = workdir.with_name(f".{workdir.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            echo(f"[{workdir.name.split('-')[0]}] waiting: another pipeline (pid {owner}) is "
+                 f"running this stage in {workdir}")  # fmt: skip
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _stages(until: str | None) -> tuple[Stage, ...]:
