@@ -7,6 +7,7 @@ One parent run per pipeline invocation, one nested run per stage. The default st
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -60,6 +61,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+@contextmanager
+def _store_lock(root: Path | None) -> Iterator[None]:
+    """An exclusive lock beside a local store (nothing for a server: it serialises itself)."""
+    if root is None:
+        yield
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with (root.parent / ".edgepc-store.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """Opens the store, the experiment and the runs; everything else in edgepc stays MLflow-free."""
 
@@ -70,18 +86,18 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = uri or tracking_uri()
         root = artifact_root(self.uri)
-        if root is not None:
-            root.parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
-        self.client = mlflow.MlflowClient(self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            artifacts = root.as_uri() if root is not None else None
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifacts
-            )
-        else:
-            self.experiment_id = found.experiment_id
+        with _store_lock(root):  # two processes creating one sqlite store race in its migration
+            self.client = mlflow.MlflowClient(self.uri)
+            self.client.search_experiments(max_results=1)  # creates the tables of a new store
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                artifacts = root.as_uri() if root is not None else None
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=artifacts
+                )
+            else:
+                self.experiment_id = found.experiment_id
         self.run_id: str | None = None
 
     def close_killed_runs(self) -> list[str]:
