@@ -83,7 +83,7 @@ def read_report(path: Path) -> DeviceReport:
         return DeviceReport.model_validate(json.loads(path.read_text()))
     except FileNotFoundError:
         raise ReportError(f"no report at {path}") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ReportError(f"{path} is not valid JSON ({error})") from None
     except ValidationError as error:
         first = error.errors()[0]

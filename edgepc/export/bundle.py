@@ -184,7 +184,7 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
         raise BundleError(
             f"{folder} has no {MANIFEST}: not a bundle, or its export was cut short"
         ) from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{path} is not valid JSON ({error}): export the bundle again") from None
     except ValidationError as error:
         first = error.errors()[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ class ConfigError(EdgepcError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PCSection(Section):
@@ -54,8 +55,13 @@ class TrainSection(Section):
     @field_validator("baselines")
     @classmethod
     def _registered(cls, baselines: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name in baselines:
-            loss_class(name)  # a ValueError naming the closest registered loss
+        for name, options in baselines.items():
+            accepted = inspect.signature(loss_class(name)).parameters  # unknown: a ValueError
+            valid = {"weight", *accepted} - {"student_dim", "teacher_dim"}
+            for option in options:
+                if option not in valid:
+                    takes = ", ".join(sorted(valid))
+                    raise ValueError(f"loss {name!r} has no option {option!r}; it takes {takes}")
         return baselines
 
 
@@ -171,6 +177,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key.path=value`` with the value read as YAML (numbers, booleans, null, lists)."""
     key, sep, raw = text.partition("=")
@@ -179,7 +189,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
+        raise ConfigError(
+            f"override {text!r}: value is not valid YAML ({_one_line(error)})"
+        ) from None
 
 
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -218,7 +230,7 @@ def load_config(
         known = ", ".join(sorted(p.stem for p in PIPELINES.glob("*.yaml")))
         raise ConfigError(f"no pipeline config {path}; known targets: {known}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_one_line(error)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
     tree = copy.deepcopy(raw)

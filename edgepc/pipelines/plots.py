@@ -15,10 +15,11 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Pat
 
     epochs = range(1, len(history) + 1)
     fig, (losses, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in sorted(k for k in history[0] if k.startswith("loss")):
+    for key in sorted(k for k in (history[0] if history else {}) if k.startswith("loss")):
         losses.plot(epochs, [h[key] for h in history], marker="o", label=key)
     losses.set(xlabel="epoch", ylabel="loss", yscale="log", title=title)
-    losses.legend()
+    if history:  # no epochs trained: empty axes
+        losses.legend()
     speed.plot(epochs, [h["images_per_s"] for h in history], marker="o", color="gray")
     speed.set(xlabel="epoch", ylabel="images / s", title="throughput")
     for axis in (losses, speed):

@@ -133,6 +133,8 @@ def run_pipeline(
     including ``until`` (None: all), with ``tags`` added to every run."""
     stages = _stages(until)
     cache = cache or default_cache()
+    if cache.exists() and not cache.is_dir():
+        raise EdgepcError(f"the cache {cache} is a file, not a folder: give --cache a folder")
     tracker = tracker or Tracker()
     closed = tracker.close_killed_runs()
     if closed:

@@ -8,6 +8,7 @@ One parent run per pipeline invocation, one nested run per stage. The default st
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import subprocess
@@ -85,6 +86,8 @@ class Tracker:
 
         self.mlflow = mlflow
         self.uri = uri or tracking_uri()
+        for name in ("mlflow.store.db.utils", "alembic"):  # a new store's migration chatter
+            logging.getLogger(name).setLevel(logging.WARNING)
         root = artifact_root(self.uri)
         mlflow.set_tracking_uri(self.uri)
         with _store_lock(root):  # two processes creating one sqlite store race in its migration
