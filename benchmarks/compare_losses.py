@@ -450,7 +450,8 @@ def report(
     figures.mkdir(parents=True, exist_ok=True)
     plot_accuracy(study, records, pairs, figures / f"{study.name}-accuracy.png")
     plot_coherence(study, records, pairs, figures / f"{study.name}-coherence.png")
-    compute = sum(v for r in records for k, v in r.metrics.items() if k.endswith(".seconds"))
+    runs = {r.run: r.metrics for r in records}  # a chosen trial's first seed is one run
+    compute = sum(v for m in runs.values() for k, v in m.items() if k.endswith(".seconds"))
     seeds = ", ".join(map(str, study.seeds))
     lines = [
         f"# {study.name}: perception coherence against the baselines",
@@ -459,7 +460,7 @@ def report(
         f"{cpu_name()} · torch {torch.__version__} · edgepc {__version__} "
         f"(commit {git_commit()[:10]}).",
         "",
-        f"- {len(records)} runs (tuning, seeds {seeds}, int8); their training and evaluation "
+        f"- {len(runs)} pipeline runs (tuning, seeds {seeds}, int8); their training and evaluation "
         f"took {compute / 3600:.2f} h of compute when they ran; this invocation took "
         f"{wall / 60:.1f} min.",
         f"- Every run is the `{study.pipeline}` pipeline up to its distill stage with the pair's "
