@@ -288,9 +288,7 @@ def _metric_for(setting: str) -> list[str]:
 
 
 def method_table(study: Study, records: list[Record], pair: str, setting: str) -> str:
-    final = [
-        r for r in records if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)
-    ]
+    final = _final(records, pair, setting)
     rows = summarise(final)
     chosen = {r.run.method: r.run for r in final}
     metrics = _metric_for(setting)
@@ -330,10 +328,7 @@ def grid_table(records: list[Record], pair: str, setting: str, select: str) -> s
 
 
 def reading(study: Study, records: list[Record], pair: str, setting: str) -> list[str]:
-    final = [
-        r for r in records if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)
-    ]
-    rows = summarise(final)
+    rows = summarise(_final(records, pair, setting))
     if "pc" not in rows:
         return []
     lines = []
@@ -370,17 +365,23 @@ def deploy_table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(study: Study, records: list[Record], pairs: list[str], path: Path) -> None:
-    """Test accuracy by method with seed error bars: one panel per pair and setting."""
+def _final(records: list[Record], pair: str, setting: str) -> list[Record]:
+    return [r for r in records
+            if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)]  # fmt: skip
+
+
+def _figure(study: Study, pairs: list[str]) -> tuple[plt.Figure, list]:
+    """A row of panels, one per pair and setting: the figure and [(axes, (pair, setting))]."""
     panels = [(p, s) for p in pairs for s in study.settings]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (pair, setting) in zip(axes[0], panels, strict=True):
-        final = [
-            r
-            for r in records
-            if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)
-        ]
-        rows = summarise(final)
+    return fig, list(zip(axes[0], panels, strict=True))
+
+
+def plot_accuracy(study: Study, records: list[Record], pairs: list[str], path: Path) -> None:
+    """Test accuracy by method with seed error bars: one panel per pair and setting."""
+    fig, panels = _figure(study, pairs)
+    for ax, (pair, setting) in panels:
+        rows = summarise(_final(records, pair, setting))
         methods = [m for m in study.methods if m in rows]
         for i, metric in enumerate(_metric_for(setting)):
             means = [rows[m][f"test_{metric}"].mean for m in methods]
@@ -391,7 +392,7 @@ def plot_accuracy(study: Study, records: list[Record], pairs: list[str], path: P
         ax.set_title(f"{pair}\n{setting}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
+    panels[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -399,15 +400,9 @@ def plot_accuracy(study: Study, records: list[Record], pairs: list[str], path: P
 
 def plot_coherence(study: Study, records: list[Record], pairs: list[str], path: Path) -> None:
     """pc_triplet_agreement against accuracy across methods: one panel per pair and setting."""
-    panels = [(p, s) for p in pairs for s in study.settings]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (pair, setting) in zip(axes[0], panels, strict=True):
-        final = [
-            r
-            for r in records
-            if r.phase == "final" and (r.run.pair, r.run.setting) == (pair, setting)
-        ]
-        rows = summarise(final)
+    fig, panels = _figure(study, pairs)
+    for ax, (pair, setting) in panels:
+        rows = summarise(_final(records, pair, setting))
         metric = "top1" if setting == "class_aware" else "knn_top1"
         for method, s in rows.items():
             x, y = s["test_pc_triplet_agreement"], s[f"test_{metric}"]
