@@ -75,7 +75,7 @@ def _pipeline(tmp_path: Path, name: str, batch: int, ranks: int) -> dict[str, Pa
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("MLflow parent run") == 1  # one summary: rank 0's
-    return {p.name.split("-")[0]: p for p in cache.iterdir()}
+    return {p.name.split("-")[0]: p for p in cache.iterdir() if p.is_dir()}  # not the locks
 
 
 def _state(folder: Path, name: str) -> dict[str, torch.Tensor]:
