@@ -223,8 +223,7 @@ def deploy_plan(study: Study, records: list[Record], execute: Executor) -> Itera
     """PC and the baseline with the best mean validation top-1, class-aware, every seed, int8."""
     if study.deploy is None or "class_aware" not in study.settings:
         return
-    final = [r for r in records if r.phase == "final" and r.run.pair == study.deploy.pair
-             and r.run.setting == "class_aware"]  # fmt: skip
+    final = _final(records, study.deploy.pair, "class_aware")
     rows = summarise(final)
     baselines = [m for m in rows if m not in ("pc", "scratch")]
     if "pc" not in rows or not baselines:
