@@ -219,3 +219,21 @@ def test_int8_models_convert_to_real_int8_artifacts(tmp_path, data, models, qat_
                 out = min(outs, key=lambda o: o["shape"][-1])  # logits: 10 < embedding: 32
                 predicted.append(interpreter.get_tensor(out["index"])[0].argmax())
             assert (np.array(predicted) == logits[:32].argmax(1)).mean() >= 0.9
+
+
+def test_memoised_patterns_give_the_graph_torchao_traces(data, models, monkeypatch):
+    """prepare/convert keep torchao's traced conv-bn patterns for the process: the int8 graph
+    built from kept patterns is the one built by tracing them afresh."""
+    from edgepc.quant import model as quant_model
+
+    x, _, tx, _, norm = data
+    example = norm.apply(x[:8])
+    monkeypatch.setattr(quant_model, "_PATTERNS", {})
+    fresh = convert(prepare(models[1], "cpu", example))
+    assert len(quant_model._PATTERNS) >= 10  # the patterns of the conv-bn rewrites were kept
+    kept = dict(quant_model._PATTERNS)
+    again = convert(prepare(models[1], "cpu", example))
+    assert quant_model._PATTERNS.keys() == kept.keys()  # nothing traced the second time
+    assert fresh.code == again.code
+    a, b = fresh(norm.apply(tx[:64])), again(norm.apply(tx[:64]))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))

@@ -9,9 +9,11 @@ converters lower to int8 kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +92,8 @@ def prepare(model: EmbeddingModel, target: str, example: Tensor, qat: bool = Tru
         warnings.simplefilter("ignore")
         exported = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
         insert = prepare_qat_pt2e if qat else prepare_pt2e
-        graph = insert(exported.module(), quantizer(target, qat))
+        with _memoised_patterns():
+            graph = insert(exported.module(), quantizer(target, qat))
     return QuantModel(graph, target, qat)
 
 
@@ -128,6 +131,53 @@ def convert(model: QuantModel) -> torch.fx.GraphModule:
 
     graph = copy.deepcopy(model.graph).cpu()
     move_exported_model_to_eval(graph)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _memoised_patterns():
         warnings.simplefilter("ignore")
         return convert_pt2e(graph, fold_quantize=False)
+
+
+# torchao traces each conv-bn pattern it rewrites with torch.export, about 100 times per
+# prepare or convert (0.5 s each on a CPU): the same graphs every time, since a pattern depends
+# only on its flags and the shapes of its example inputs. They are kept for the process.
+_PATTERNS: dict[tuple, torch.fx.GraphModule] = {}
+
+
+@contextlib.contextmanager
+def _memoised_patterns() -> Iterator[None]:
+    from torchao.quantization.pt2e import qat_utils
+
+    trace = qat_utils._get_aten_graph_module_for_pattern
+
+    def memoised(pattern: Callable, example_inputs: tuple, is_cuda: bool = False, **kwargs: Any):
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return trace(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERNS:
+            _PATTERNS[key] = trace(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERNS[key])
+
+    qat_utils._get_aten_graph_module_for_pattern = memoised
+    try:
+        yield
+    finally:
+        qat_utils._get_aten_graph_module_for_pattern = trace
+
+
+def _pattern_key(pattern: Callable, inputs: tuple, is_cuda: bool, kwargs: dict) -> tuple | None:
+    """What a traced pattern depends on: its code, the values it closes over (flags, the conv
+    function) and the shapes and dtypes of its inputs; None when something is not hashable."""
+
+    def shape(value: object) -> object:
+        return (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else value
+
+    fn = getattr(pattern, "fn", pattern)  # torchao wraps some patterns in a WrapperModule
+    if not hasattr(fn, "__code__"):
+        return None
+    cells = tuple(c.cell_contents for c in fn.__closure__ or ())
+    key = (type(pattern), fn.__code__, cells, tuple(map(shape, inputs)), is_cuda,
+           tuple(sorted((k, shape(v)) for k, v in kwargs.items())))  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
