@@ -12,7 +12,6 @@ import importlib.util
 import os
 import pickle
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from edgepc.data.idx import read_idx
 from edgepc.errors import DatasetError
+from edgepc.files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -129,17 +129,12 @@ def _idx_paths(folder: Path) -> list[Path] | None:
 
 def _download(url: str, target: Path) -> None:
     """Fetch ``url`` to ``target`` through a temporary file: never a half-written file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                shutil.copyfileobj(response, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise
-    os.replace(tmp.name, target)
+    with (
+        atomic_path(target) as tmp,
+        tmp.open("wb") as out,
+        urllib.request.urlopen(url, timeout=30) as response,
+    ):
+        shutil.copyfileobj(response, out)
 
 
 def _images_nchw(array: np.ndarray) -> Tensor:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from edgepc.errors import EdgepcError
+from edgepc.files import save_figure
 from edgepc.tracking import Tracker
 
 METRIC = re.compile(r"^(?P<device>[A-Za-z0-9_-]+)\.(?P<artifact>fp32|int8|int8_ptq)_(?P<what>.+)$")
@@ -80,9 +81,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     axis.set(ylabel="p50 ms, batch 1, 1 thread", title="edgepc artifacts across devices")
     axis.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

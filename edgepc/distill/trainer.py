@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from edgepc.distill.evaluate import predict
 from edgepc.distill.images import Normalisation, augment
 from edgepc.distill.losses import build_loss, loss_class
 from edgepc.errors import TrainingError
+from edgepc.files import atomic_path
 from edgepc.models import EmbeddingModel
 
 
@@ -83,13 +83,8 @@ def teacher_targets(
 
 def atomic_save(obj: object, path: Path) -> None:
     """torch.save through a temporary file, fsync and rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)  # a file object: a full disk shows as OSError (see edgepc.files)
 
 
 def load_checkpoint(path: Path) -> dict:

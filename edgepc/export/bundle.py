@@ -30,6 +30,7 @@ from torch import nn
 from edgepc import __version__
 from edgepc.export.tensorrt import check_onnx
 from edgepc.export.writers import INPUT, OUTPUTS, ExportError, write_onnx, write_tflite
+from edgepc.files import atomic_path, write_text
 
 MANIFEST = "manifest.json"
 RUNTIMES = {"cpu": "onnxruntime", "mobile": "ai-edge-litert", "jetson": "tensorrt"}
@@ -155,23 +156,19 @@ def write_testset(
 ) -> Path:
     """The on-device test set: uint8 images (N, C, H, W), int64 labels, and the teacher's
     embeddings of the first images (for pc_* without the teacher)."""
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(
-        tmp,
-        images=images.astype(np.uint8),
-        labels=labels.astype(np.int64),
-        teacher_embeddings=teacher_embeddings.astype(np.float32),
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(
+            tmp,
+            images=images.astype(np.uint8),
+            labels=labels.astype(np.int64),
+            teacher_embeddings=teacher_embeddings.astype(np.float32),
+        )
     return path
 
 
 def write_manifest(manifest: Manifest, folder: Path) -> Path:
     """Written last (atomically): a bundle with a manifest is complete."""
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2))
-    os.replace(tmp, folder / MANIFEST)
-    return folder / MANIFEST
+    return write_text(folder / MANIFEST, manifest.model_dump_json(indent=2))
 
 
 def read_manifest(folder: Path, verify: bool = True) -> Manifest:

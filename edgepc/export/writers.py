@@ -19,6 +19,7 @@ from torch import nn
 from torch.export import Dim
 
 from edgepc.errors import EdgepcError
+from edgepc.files import atomic_path
 
 if TYPE_CHECKING:
     import onnx
@@ -33,13 +34,6 @@ class ExportError(EdgepcError):
 
 def missing(package: str, extra: str) -> ExportError:
     return ExportError(f"{package} is not installed: pip install -e '.[{extra}]'")
-
-
-def _replace_atomically(tmp: Path, path: Path) -> Path:
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 @contextlib.contextmanager
@@ -156,9 +150,12 @@ def write_onnx(
         import onnxscript  # noqa: F401  (the dynamo exporter's backend)
     except ImportError:
         raise missing("onnxscript", "cpu") from None
-    tmp = path.with_name(f".{path.name}.tmp")
     batch = Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with (
+        atomic_path(path) as tmp,
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -172,15 +169,15 @@ def write_onnx(
             external_data=False,
             verbose=False,
         )
-    proto = onnx.load(str(tmp))
-    drop_weight_clips(proto)
-    if int8_weights:
-        store_int8_weights(proto)
-    for node in proto.graph.node:  # the exporter's stack traces: a third of a small file
-        del node.metadata_props[:]
-        node.doc_string = ""
-    onnx.save(proto, str(tmp))
-    return _replace_atomically(tmp, path)
+        proto = onnx.load(str(tmp))
+        drop_weight_clips(proto)
+        if int8_weights:
+            store_int8_weights(proto)
+        for node in proto.graph.node:  # the exporter's stack traces: a third of a small file
+            del node.metadata_props[:]
+            node.doc_string = ""
+        onnx.save(proto, str(tmp))
+    return path
 
 
 def write_tflite(model: nn.Module, example: torch.Tensor, path: Path, int8: bool) -> Path:
@@ -201,10 +198,9 @@ def write_tflite(model: nn.Module, example: torch.Tensor, path: Path, int8: bool
         model.training = False  # its ops are in eval form already (edgepc.quant.convert)
     else:
         model = model.eval()
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings(), quiet_native_logs():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), quiet_native_logs():
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(io.StringIO()):  # its progress log
             converted = litert_torch.convert(model, (example[:1],), quant_config=quant_config)
             converted.export(str(tmp))
-    return _replace_atomically(tmp, path)
+    return path

@@ -32,6 +32,7 @@ from edgepc.export.bundle import (
 from edgepc.export.parity import parity, parity_table, violations
 from edgepc.export.runtimes import normalise, open_runtime
 from edgepc.export.writers import ExportError
+from edgepc.files import write_text
 from edgepc.measure import latency
 from edgepc.pipelines.config import PipelineConfig
 from edgepc.pipelines.plots import plot_validation
@@ -108,8 +109,9 @@ def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> S
             write_manifest(manifest.model_copy(update={"engine": engine, "files": files}), folder)
         bundles.append(name)
     table = parity_table(rows, failures)
-    (ctx.workdir / "parity.md").write_text(
-        f"# {target}: exported files vs their PyTorch models ({len(x)} test images)\n\n{table}"
+    write_text(
+        ctx.workdir / "parity.md",
+        f"# {target}: exported files vs their PyTorch models ({len(x)} test images)\n\n{table}",
     )
     if failures:
         raise ExportError(
@@ -169,10 +171,11 @@ def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) ->
             "\nLatency here is onnxruntime on this machine's CPU, a stand-in: the TensorRT "
             "engine is built and timed on the device (`engine` in each manifest.json).\n"
         )
-    (ctx.workdir / "validation.md").write_text(
-        f"# {target}: every artifact in its runtime (full test split)\n\n{table}"
+    write_text(
+        ctx.workdir / "validation.md",
+        f"# {target}: every artifact in its runtime (full test split)\n\n{table}",
     )
-    (ctx.workdir / "validation.json").write_text(json.dumps(rows, indent=2))
+    write_text(ctx.workdir / "validation.json", json.dumps(rows, indent=2))
     plot_validation(rows, threads, ctx.workdir / "validation.png", f"{target}: batch 1")
     failing = {n: r for n, r in rows.items() if r["drop_points"] > section.max_drop}
     if failing:

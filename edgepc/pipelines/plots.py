@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgepc.files import save_figure
+
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Path:
     """Per-epoch loss terms (log scale) and throughput of a training run."""
@@ -25,9 +27,7 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Pat
     for axis in (losses, speed):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_qat(
@@ -60,9 +60,7 @@ def plot_qat(
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_validation(
@@ -94,6 +92,4 @@ def plot_validation(
                           xytext=(4, 4), textcoords="offset points")  # fmt: skip
     accuracy.set(xlabel="size on disk (MB)", ylabel="top-1 (test)", title="accuracy vs size")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -23,6 +23,7 @@ from edgepc import __version__
 from edgepc.data.datasets import data_home
 from edgepc.distill.distributed import barrier, broadcast, local_device, rank
 from edgepc.errors import EdgepcError
+from edgepc.files import write_text
 from edgepc.hardware import describe, pick_device
 from edgepc.pipelines.config import PipelineConfig
 from edgepc.pipelines.deploy import export_stage, register_stage, validate_stage
@@ -115,9 +116,7 @@ def _load_result(workdir: Path) -> StageResult | None:
 
 
 def _save_result(workdir: Path, result: StageResult) -> None:
-    tmp = workdir / ".result.json.tmp"
-    tmp.write_text(json.dumps(asdict(result), indent=2))
-    os.replace(tmp, workdir / "result.json")
+    write_text(workdir / "result.json", json.dumps(asdict(result), indent=2))
 
 
 def run_pipeline(

@@ -22,6 +22,7 @@ from edgepc.distill.evaluate import evaluate_embeddings, linear_probe, predict
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
 from edgepc.errors import ModelError
+from edgepc.files import write_text
 from edgepc.models import EmbeddingModel, build_model
 from edgepc.pipelines.config import PipelineConfig, TrainSection
 from edgepc.pipelines.plots import plot_history, plot_qat
@@ -106,7 +107,7 @@ def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Sta
         "std": std,
         "train_class_counts": counts.tolist(),
     }
-    (ctx.workdir / "data.json").write_text(json.dumps(facts, indent=2))
+    write_text(ctx.workdir / "data.json", json.dumps(facts, indent=2))
     metrics = {
         "train_size": len(splits.train),
         "val_size": len(splits.val),
@@ -331,7 +332,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
     table = {name: scores(model, test) for name, model in models.items()}
     start = {"fp32": scores(fp32, val), "ptq": scores(models["ptq"], val)}
     plot_qat(curves, start, ctx.workdir / "triplet_agreement.png", f"{target} int8")
-    (ctx.workdir / "before_after.md").write_text(before_after(table, target))
+    write_text(ctx.workdir / "before_after.md", before_after(table, target))
     metrics = {f"{name}_test_{k}": v for name, row in table.items() for k, v in row.items()}
     for name, history in curves.items():  # the last epoch on the validation split (fake quant)
         metrics |= {f"{name}_{k}": v for k, v in history[-1].items() if k.startswith("val_")}

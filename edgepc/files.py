@@ -1,0 +1,77 @@
+"""Files that appear complete or not at all, and a full disk as one clear error.
+
+Every file edgepc writes goes through :func:`atomic_path`: the writer fills a temporary file
+beside the target, which is fsync'ed and renamed over it. A crash, a kill or a full disk
+leaves the previous file (or none), never half of one, and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgepc.errors import EdgepcError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(EdgepcError):
+    """A file could not be written for lack of space (or over the file-size limit)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary path (same folder and suffix) for the caller to write; on success
+    it replaces ``path``, on any error it is removed and the error re-raised, as
+    :class:`DiskFullError` when the disk was full."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if no_space(error):
+            raise DiskFullError(
+                f"no space left on the disk of {path.parent} while writing {path.name}: free "
+                "some space (or point --cache / EDGEPC_CACHE elsewhere) and rerun; finished "
+                "stages and epochs are kept"
+            ) from None
+        raise
+
+
+def no_space(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, is the disk being full. Writers
+    that go through C++ (torch.save) wrap the OSError in their own exception."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """A matplotlib figure as an image file (its format from the suffix); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.removeprefix("."))
+    finally:
+        plt.close(fig)
+    return path
