@@ -34,10 +34,9 @@ def random_rotation(dim: int, dtype: torch.dtype = torch.float64) -> torch.Tenso
     return q
 
 
-@contextmanager
-def mlflow_ui(uri: str) -> Iterator[str]:
-    """``python -m edgepc.pipelines.ui`` over the store ``uri`` on a free port, answering;
-    yields its address and stops it afterwards."""
+def start_ui(uri: str) -> tuple[subprocess.Popen, str]:
+    """``python -m edgepc.pipelines.ui`` over the store ``uri`` on a free port, answering: the
+    process (its own group) and its address."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     ui = subprocess.Popen(
@@ -45,19 +44,29 @@ def mlflow_ui(uri: str) -> Iterator[str]:
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"{address}/health", timeout=2):
+                return ui, address
+        except OSError:
+            time.sleep(0.5)
+    stop_ui(ui)
+    raise AssertionError("the MLflow UI did not answer within 120 s")
+
+
+def stop_ui(ui: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    os.killpg(ui.pid, sig)
+    ui.wait(timeout=30)
+
+
+@contextmanager
+def mlflow_ui(uri: str) -> Iterator[str]:
+    """:func:`start_ui` for a block; yields its address and stops it afterwards."""
+    ui, address = start_ui(uri)
     try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(f"{address}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("the MLflow UI did not answer within 120 s")
         yield address
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
+        stop_ui(ui)
 
 
 def free_port() -> int:

@@ -1,14 +1,296 @@
-"""Faults: pipelines that meet each other on one cache and store."""
+"""Faults: a pipeline killed at random points, a full disk, and pipelines that meet each other
+on one cache and store. Each ends with the artifacts of a clean run and nothing lost."""
 
+import errno
+import hashlib
+import json
 import os
+import random
 import re
+import resource
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import mlflow
+from edgepc.distill.trainer import atomic_save
+from edgepc.files import DiskFullError, atomic_path
+from edgepc.pipelines.runner import STAGES
+from tests.conftest import start_ui, stop_ui
 from tests.test_distributed import TINY
+from tests.test_pipeline import SMALL
+
+STARTED = re.compile(r"^\[(\w+)\] running in ")
+# The files a rerun must reproduce exactly: weights and deployable files (not timings, plots
+# or run ids). Checkpoints written with torch.save differ in their zip's random id, so weights
+# are compared by content.
+FINAL = ("teacher.pt", "student.pt", "qat_student.pt", "model.onnx", "testset.npz")
+
+
+def pipeline(
+    cache: Path, store: Path, *extra: str, env: dict | None = None, **popen
+) -> subprocess.Popen:
+    """The cpu pipeline on SMALL as a user starts it, one thread (the same arithmetic in every
+    run), its output line by line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", **(env or {})}  # fmt: skip
+    command = [sys.executable, "-m", "edgepc.pipelines.run", "cpu", "--cache", str(cache),
+               "--no-progress", *SMALL, *extra]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, **popen)  # fmt: skip
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, or of its arrays for torch and numpy archives (zip metadata varies)."""
+    h = hashlib.sha256()
+    if path.suffix in (".pt", ".npz"):
+        arrays = (torch.load(path, weights_only=True) if path.suffix == ".pt"
+                  else dict(np.load(path)))  # fmt: skip
+        for key in sorted(arrays):
+            h.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    else:
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def finals(cache: Path) -> dict[str, str]:
+    return {str(p.relative_to(cache)): digest(p) for p in sorted(cache.rglob("*"))
+            if p.name in FINAL}  # fmt: skip
+
+
+def leftovers(cache: Path) -> list[Path]:
+    """Temporary files of an interrupted write (edgepc.files names them .<name>.<pid>.tmp)."""
+    return [p for p in cache.rglob(".*") if ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """One uninterrupted run: its final files and how long each stage took."""
+    root = tmp_path_factory.mktemp("clean")
+    run = pipeline(root / "cache", root)
+    starts: dict[str, float] = {}
+    for line in run.stdout:
+        if m := STARTED.match(line):
+            starts[m[1]] = time.monotonic()
+    assert run.wait() == 0
+    ends = [*list(starts.values())[1:], time.monotonic()]
+    durations = {s: end - start for (s, start), end in zip(starts.items(), ends, strict=True)}
+    assert list(durations) == [s.name for s in STAGES]
+    return finals(root / "cache"), durations
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, seed):
+    """SIGKILL once inside each stage in turn, at a random moment of it; every rerun resumes.
+    The last rerun finishes with the clean run's weights and files, and no temporary file or
+    RUNNING MLflow run is left."""
+    expected, durations = clean
+    rng = random.Random(seed)
+    cache, killed = tmp_path / "cache", []
+    for stage in durations:
+        delay = rng.uniform(0, 0.8 * durations[stage])
+        while True:
+            run = pipeline(cache, tmp_path)
+            read_until(run, stage)
+            time.sleep(delay)
+            run.send_signal(signal.SIGKILL)
+            if run.wait() == -signal.SIGKILL:
+                break
+            assert stage == "register", f"the run ended in {stage}, a cached stage"
+            delay /= 4  # the last stage ended sooner than in the clean run: kill it sooner
+        later = [m[1] for line in run.stdout if (m := STARTED.match(line))]
+        killed.append(later[-1] if later else stage)  # where the kill landed
+    finish = pipeline(cache, tmp_path)
+    out = finish.communicate(timeout=900)[0]
+    assert finish.returncode == 0, out[-3000:]
+    assert "marked" in out
+    assert "killed earlier invocation" in out
+    order = list(durations)
+    assert all(order.index(k) >= order.index(s) for k, s in zip(killed, order, strict=True))
+    assert finals(cache) == expected
+    assert leftovers(cache) == []
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(ids, "attributes.status = 'RUNNING'")
+
+
+def read_until(run: subprocess.Popen, stage: str) -> str:
+    """The run's output up to the line where ``stage`` starts."""
+    seen = []
+    for line in run.stdout:
+        seen.append(line)
+        if (m := STARTED.match(line)) and m[1] == stage:
+            return "".join(seen)
+    raise AssertionError(f"the run ended before {stage} started:\n{''.join(seen)[-3000:]}")
+
+
+def sync_to(address: str, env: dict) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "edgepc.tracking.sync", "--uri", address]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+
+
+def stage_runs(store: str) -> dict[str, list]:
+    """The store's runs by name, oldest first."""
+    client = mlflow.MlflowClient(store)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs: dict[str, list] = {}
+    for run in sorted(client.search_runs(ids), key=lambda r: r.info.start_time):
+        runs.setdefault(run.info.run_name, []).append(run)
+    return runs
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_run_training_goes_on_and_sync_replays(tmp_path, clean):
+    """tracking.on_error=spool (the default): the server dies while distill trains; the
+    pipeline finishes with the clean run's files, spooling its runs; once a server is back,
+    sync replays them: every stage run FINISHED with its metrics, artifacts and registry."""
+    store, spool = f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "spool"
+    ui, address = start_ui(store)
+    env = {"MLFLOW_TRACKING_URI": address, "EDGEPC_SPOOL": str(spool)}
+    run = pipeline(tmp_path / "cache", tmp_path, env=env)
+    out = read_until(run, "distill")
+    stop_ui(ui, signal.SIGKILL)
+    out += run.communicate(timeout=900)[0]
+    assert run.returncode == 0, out[-3000:]
+    assert f"warning: MLflow at {address} failed" in out
+    assert finals(tmp_path / "cache") == clean[0]
+    assert len(list(spool.glob("*.jsonl"))) == 1
+    ui, address = start_ui(store)  # back, on another port
+    try:
+        sync = sync_to(address, env)
+    finally:
+        stop_ui(ui)
+    assert sync.returncode == 0, sync.stderr[-3000:]
+    assert "replayed" in sync.stdout
+    assert list(spool.iterdir()) == []
+    runs = stage_runs(store)
+    (parent,) = runs["cpu"]
+    assert parent.info.status == "FINISHED"
+    for stage in STAGES:
+        (child,) = runs[stage.name]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        result = json.loads(next((tmp_path / "cache").glob(f"{stage.name}-*/result.json"))
+                            .read_text()) if stage.cached else None  # fmt: skip
+        if result is not None:  # nothing lost: each stage's metrics, as it computed them
+            for key, value in result["metrics"].items():
+                assert child.data.metrics[key] == pytest.approx(value), (stage.name, key)
+    client = mlflow.MlflowClient(store)
+    distill = runs["distill"][0].info.run_id
+    assert "student.pt" in [
+        f.path.split("/")[-1] for f in client.list_artifacts(distill, "distill")
+    ]
+    aliases = client.get_registered_model("edgepc-cpu").aliases
+    assert set(aliases) == {"cpu-fp32", "cpu-int8"}
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_with_stop_ends_in_one_line_then_resumes(tmp_path, clean):
+    """tracking.on_error=stop: the teacher's first metrics after the server died end the run
+    with one line and exit 2; what was not recorded is spooled; after a sync, the rerun resumes
+    the teacher from its last epoch and trains the clean run's weights."""
+    store, spool = f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "spool"
+    ui, address = start_ui(store)
+    env = {"MLFLOW_TRACKING_URI": address, "EDGEPC_SPOOL": str(spool)}
+    try:
+        run = pipeline(tmp_path / "cache", tmp_path, "--until", "distill",
+                       "tracking.on_error=stop", env=env)  # fmt: skip
+        out = read_until(run, "teacher")
+        os.killpg(ui.pid, signal.SIGKILL)
+        out += run.communicate(timeout=900)[0]
+        assert run.returncode == 2, out[-3000:]
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1
+        assert f"MLflow at {address} failed" in errors[0]
+        assert "stopped" in errors[0]
+        assert "Traceback" not in out
+        assert (next((tmp_path / "cache").glob("teacher-*")) / "training.pt").exists()
+        ui.wait(timeout=30)
+        ui, address = start_ui(store)
+        env["MLFLOW_TRACKING_URI"] = address
+        sync = sync_to(address, env)
+        assert sync.returncode == 0, sync.stderr[-3000:]
+        again = pipeline(tmp_path / "cache", tmp_path, "--until", "distill",
+                         "tracking.on_error=stop", env=env)  # fmt: skip
+        out = again.communicate(timeout=900)[0]
+        assert again.returncode == 0, out[-3000:]
+    finally:
+        stop_ui(ui)
+    expected = {
+        k: v for k, v in clean[0].items() if k.split("/")[-1] in ("teacher.pt", "student.pt")
+    }
+    assert finals(tmp_path / "cache") == expected
+    runs = stage_runs(store)
+    assert [r.info.status for r in runs["cpu"]] == ["FAILED", "FINISHED"]
+    assert [r.info.status for r in runs["teacher"]] == ["FAILED", "FINISHED"]
+    assert "loss" in runs["teacher"][0].data.metrics  # the epoch that met the dead server
+
+
+def test_disk_full_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """A writer that fills the disk half way (ENOSPC from write): a typed one-line error, the
+    previous checkpoint intact, no temporary file."""
+    path = tmp_path / "training.pt"
+    atomic_save({"epoch": 1}, path)
+    real_save = torch.save
+
+    def full(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match=r"^no space left on the disk of .* training\.pt"):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["training.pt"]
+
+    def broken_writer(tmp: Path) -> None:
+        tmp.write_text("{")
+        raise ValueError("a writer's own error")
+
+    with pytest.raises(ValueError, match="own error"), atomic_path(tmp_path / "x.json") as tmp:
+        broken_writer(tmp)  # not the disk: its own error, and no temporary left either
+    assert [p.name for p in tmp_path.iterdir()] == ["training.pt"]
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+def test_disk_full_in_a_real_pipeline_then_rerun(tmp_path, clean):
+    """The pipeline process may write no file over 2 MB (RLIMIT_FSIZE: the kernel refuses
+    the write, as a full disk does): the teacher's 2.7 MB outputs fail. One line, exit 2,
+    nothing half-written; the rerun with space resumes and ends with the clean run's files."""
+    cache = tmp_path / "cache"
+    run = pipeline(cache, tmp_path, preexec_fn=_file_size_limit(2_000_000))
+    out = run.communicate(timeout=900)[0]
+    assert run.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "no space left" in errors[0]
+    assert "teacher_outputs.pt" in errors[0]
+    assert "Traceback" not in out
+    assert leftovers(cache) == []
+    teacher = next(cache.glob("teacher-*"))
+    assert not (teacher / "result.json").exists()
+    assert not (teacher / "teacher_outputs.pt").exists()
+    again = pipeline(cache, tmp_path)
+    out = again.communicate(timeout=900)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert re.search(r"^data\s+cached", out, re.M)
+    assert finals(cache) == clean[0]
 
 
 @pytest.mark.slow

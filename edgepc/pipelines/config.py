@@ -153,6 +153,14 @@ class RegisterSection(Section):
     model: str | None = None
 
 
+class TrackingSection(Section):
+    """What a failing MLflow store does to a pipeline: ``spool`` keeps training and keeps its
+    runs in a local spool (``python -m edgepc.tracking.sync`` replays them); ``stop`` ends the
+    pipeline with one line (what it could not record is spooled too; a rerun resumes)."""
+
+    on_error: Literal["spool", "stop"] = "spool"
+
+
 class PipelineConfig(Section):
     name: str
     target: Literal["cpu", "mobile", "jetson"]
@@ -165,6 +173,7 @@ class PipelineConfig(Section):
     export: ExportSection = ExportSection()
     validation: ValidateSection = ValidateSection()
     registry: RegisterSection = RegisterSection()
+    tracking: TrackingSection = TrackingSection()
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

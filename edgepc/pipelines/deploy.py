@@ -233,5 +233,6 @@ def register_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) ->
             f"top-1 {rows[name]['test_top1']:.4f}, {entry.bytes / 2**20:.2f} MB"
         )
         versions[name] = ctx.registry.register(model, name, folder, entry.sha256, tags, description)
-    metrics = {f"{_key(n, config.target)}_version": float(v) for n, v in versions.items()}
+    metrics = {f"{_key(n, config.target)}_version": float(v) for n, v in versions.items()
+               if v.isdigit()}  # not while the store is down  # fmt: skip
     return StageResult(metrics, {}, {"model": model, "versions": versions})

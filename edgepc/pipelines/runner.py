@@ -134,7 +134,7 @@ def run_pipeline(
     cache = cache or default_cache()
     if cache.exists() and not cache.is_dir():
         raise EdgepcError(f"the cache {cache} is a file, not a folder: give --cache a folder")
-    tracker = tracker or Tracker()
+    tracker = tracker or Tracker(on_error=config.tracking.on_error)
     closed = tracker.close_killed_runs()
     if closed:
         echo(f"marked {len(closed)} run(s) of a killed earlier invocation as FAILED")
@@ -261,6 +261,7 @@ def artifacts_table(done: dict[str, tuple[Path, StageResult]]) -> str:
     lines = [table.rstrip(), "", f"bundles: {export_dir}/<artifact>"]
     if "register" in done:
         facts = done["register"][1].facts
-        aliases = ", ".join(f"@{a} (v{v})" for a, v in facts["versions"].items())
+        aliases = ", ".join(f"@{a} ({'v' if v.isdigit() else ''}{v})"
+                            for a, v in facts["versions"].items())  # fmt: skip
         lines.append(f"registered as {facts['model']}: {aliases}")
     return "\n".join(lines) + "\n"
