@@ -53,7 +53,7 @@ def read_bundle(folder: Path, target: str) -> dict:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
         raise BundleError(f"{folder} has no {MANIFEST}: give the bundle folder") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{folder / MANIFEST} is not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != 1:
         raise BundleError(f"{folder / MANIFEST} is not an edgepc bundle manifest (version 1)")

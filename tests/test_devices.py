@@ -112,7 +112,11 @@ def test_device_scripts_refuse_tampered_bundles_and_missing_runtimes(tmp_path, s
     assert tampered.returncode == 2
     assert "does not match its sha256" in tampered.stderr
     assert not (tmp_path / "r.json").exists()
-    assert "Traceback" not in wrong.stderr + no_runtime.stderr + tampered.stderr
+    (folder / "manifest.json").write_bytes(b'{"name": "\xff\xfe"}')  # not UTF-8
+    garbled = run_script("cpu", folder, blocked)
+    assert garbled.returncode == 2
+    assert "manifest.json is not valid JSON" in garbled.stderr
+    assert "Traceback" not in wrong.stderr + no_runtime.stderr + tampered.stderr + garbled.stderr
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ STARTED = re.compile(r"^\[(\w+)\] running in ")
 # The files a rerun must reproduce exactly: weights and deployable files (not timings, plots
 # or run ids). Checkpoints written with torch.save differ in their zip's random id, so weights
 # are compared by content.
+UNTIL_DISTILL = ("--until", "distill")
 FINAL = ("teacher.pt", "student.pt", "qat_student.pt", "model.onnx", "testset.npz")
 
 
@@ -62,6 +63,11 @@ def digest(path: Path) -> str:
 def finals(cache: Path) -> dict[str, str]:
     return {str(p.relative_to(cache)): digest(p) for p in sorted(cache.rglob("*"))
             if p.name in FINAL}  # fmt: skip
+
+
+def trained(files: dict[str, str]) -> dict[str, str]:
+    """The files of a run up to distill: the teacher's and the student's weights."""
+    return {k: v for k, v in files.items() if Path(k).name in ("teacher.pt", "student.pt")}
 
 
 def leftovers(cache: Path) -> list[Path]:
@@ -200,8 +206,8 @@ def test_mlflow_server_killed_with_stop_ends_in_one_line_then_resumes(tmp_path, 
     ui, address = start_ui(store)
     env = {"MLFLOW_TRACKING_URI": address, "EDGEPC_SPOOL": str(spool)}
     try:
-        run = pipeline(tmp_path / "cache", tmp_path, "--until", "distill",
-                       "tracking.on_error=stop", env=env)  # fmt: skip
+        run = pipeline(tmp_path / "cache", tmp_path, *UNTIL_DISTILL, "tracking.on_error=stop",
+                       env=env)  # fmt: skip
         out = read_until(run, "teacher")
         os.killpg(ui.pid, signal.SIGKILL)
         out += run.communicate(timeout=900)[0]
@@ -217,16 +223,13 @@ def test_mlflow_server_killed_with_stop_ends_in_one_line_then_resumes(tmp_path, 
         env["MLFLOW_TRACKING_URI"] = address
         sync = sync_to(address, env)
         assert sync.returncode == 0, sync.stderr[-3000:]
-        again = pipeline(tmp_path / "cache", tmp_path, "--until", "distill",
-                         "tracking.on_error=stop", env=env)  # fmt: skip
+        again = pipeline(tmp_path / "cache", tmp_path, *UNTIL_DISTILL, "tracking.on_error=stop",
+                         env=env)  # fmt: skip
         out = again.communicate(timeout=900)[0]
         assert again.returncode == 0, out[-3000:]
     finally:
         stop_ui(ui)
-    expected = {
-        k: v for k, v in clean[0].items() if k.split("/")[-1] in ("teacher.pt", "student.pt")
-    }
-    assert finals(tmp_path / "cache") == expected
+    assert finals(tmp_path / "cache") == trained(clean[0])
     runs = stage_runs(store)
     assert [r.info.status for r in runs["cpu"]] == ["FAILED", "FINISHED"]
     assert [r.info.status for r in runs["teacher"]] == ["FAILED", "FINISHED"]
@@ -274,7 +277,7 @@ def test_disk_full_in_a_real_pipeline_then_rerun(tmp_path, clean):
     the write, as a full disk does): the teacher's 2.7 MB outputs fail. One line, exit 2,
     nothing half-written; the rerun with space resumes and ends with the clean run's files."""
     cache = tmp_path / "cache"
-    run = pipeline(cache, tmp_path, preexec_fn=_file_size_limit(2_000_000))
+    run = pipeline(cache, tmp_path, *UNTIL_DISTILL, preexec_fn=_file_size_limit(2_000_000))
     out = run.communicate(timeout=900)[0]
     assert run.returncode == 2, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -286,11 +289,11 @@ def test_disk_full_in_a_real_pipeline_then_rerun(tmp_path, clean):
     teacher = next(cache.glob("teacher-*"))
     assert not (teacher / "result.json").exists()
     assert not (teacher / "teacher_outputs.pt").exists()
-    again = pipeline(cache, tmp_path)
+    again = pipeline(cache, tmp_path, *UNTIL_DISTILL)
     out = again.communicate(timeout=900)[0]
     assert again.returncode == 0, out[-3000:]
     assert re.search(r"^data\s+cached", out, re.M)
-    assert finals(cache) == clean[0]
+    assert finals(cache) == trained(clean[0])
 
 
 @pytest.mark.slow

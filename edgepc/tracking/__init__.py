@@ -230,9 +230,10 @@ class Tracker:
         for name in ("mlflow.store.db.utils", "alembic"):  # a new store's migration chatter
             logging.getLogger(name).setLevel(logging.WARNING)
         mlflow.set_tracking_uri(self.uri)
-        self.client = mlflow.MlflowClient(self.uri)
+        self.client: Any = None
         self.experiment_id: str | None = None
         try:
+            self.client = mlflow.MlflowClient(self.uri)
             self.experiment_id = experiment_id(self.client, self.uri, experiment)
         except Exception as error:  # any failure of the store
             self._failed(error)
