@@ -23,6 +23,7 @@ from edgepc.export.bundle import MANIFEST, BundleError, read_manifest
 from edgepc.models import build_model
 from edgepc.pipelines import run
 from edgepc.pipelines.config import ConfigError, PipelineConfig, load_config
+from edgepc.tracking import sync
 from tests.conftest import bundle
 
 FAST = ["--until", "teacher", "--no-progress", "data.train_limit=300", "teacher.model=tiny_cnn",
@@ -59,6 +60,11 @@ def _files(tmp: Path) -> dict[str, Path]:
     (tmp / "report.json").write_text('{"device": "x"}')
     (tmp / "bad.json").write_text("{not json")
     (tmp / "a-file").write_text("")
+    line = {"op": "end_run", "args": {"run": "r", "status": "FINISHED", "end": 0},
+            "uri": "sqlite:////proc/x/m.db", "experiment": "edgepc"}  # fmt: skip
+    for folder, second in (("spool", "{cut"), ("spool-ok", json.dumps(line))):
+        (tmp / folder).mkdir()
+        (tmp / folder / "1.jsonl").write_text(f"{json.dumps(line)}\n{second}\n{json.dumps(line)}\n")
     return {p.name: p for p in tmp.iterdir()}
 
 
@@ -91,8 +97,11 @@ CASES = [
     ("device report not JSON", "ingest", ["{bad_json}"], {}, "not valid JSON"),
     ("device report of wrong shape", "ingest", ["{report_json}"], {}, "is not a device report"),
     ("device report missing", "ingest", ["{tmp}/none.json"], {}, "no report at"),
+    ("unknown tracking mode", "run", ["cpu", "tracking.on_error=retry"], {}, "tracking.on_error"),
+    ("spool line not JSON", "sync", ["--spool", "{tmp}/spool"], {}, "line 2 of"),
+    ("store to sync into down", "sync", ["--spool", "{tmp}/spool-ok", "--uri", "sqlite:////proc/x/m.db"], {}, "run the sync again"),
 ]  # fmt: skip
-MAINS = {"run": run.main, "ingest": ingest.main}
+MAINS = {"run": run.main, "ingest": ingest.main, "sync": sync.main}
 
 
 @pytest.fixture(scope="module")

@@ -116,8 +116,6 @@ def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, se
     finish = pipeline(cache, tmp_path)
     out = finish.communicate(timeout=900)[0]
     assert finish.returncode == 0, out[-3000:]
-    assert "marked" in out
-    assert "killed earlier invocation" in out
     order = list(durations)
     assert all(order.index(k) >= order.index(s) for k, s in zip(killed, order, strict=True))
     assert finals(cache) == expected
@@ -125,6 +123,12 @@ def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, se
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     ids = [e.experiment_id for e in client.search_experiments()]
     assert not client.search_runs(ids, "attributes.status = 'RUNNING'")
+    # Each killed invocation shows FAILED (status "killed"); one killed in register may have
+    # ended its parent run just before the kill.
+    parents = client.search_runs(ids, "tags.`edgepc.kind` = 'pipeline'")
+    dead = [r for r in parents if r.data.tags.get("edgepc.status") == "killed"]
+    assert len(dead) >= len(durations) - 1
+    assert all(r.info.status == "FAILED" for r in dead)
 
 
 def read_until(run: subprocess.Popen, stage: str) -> str:

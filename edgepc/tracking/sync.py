@@ -23,15 +23,26 @@ def replay(spool: Path, uri: str | None = None) -> tuple[int, str]:
     """Replay one spool file; returns (operations replayed now, the store's uri)."""
     import mlflow
 
-    lines = [json.loads(line) for line in _complete_lines(spool)]
+    lines = []
+    for n, text in enumerate(_complete_lines(spool), start=1):
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            raise EdgepcError(
+                f"line {n} of the spool {spool} is not valid JSON: move the file aside "
+                "(its other runs are lost to the store then) or mend the line, and sync again"
+            ) from None
     if not lines:
         spool.unlink()
         return 0, uri or ""
     uri = uri or lines[0]["uri"]
-    client = mlflow.MlflowClient(uri)
     progress = spool.with_suffix(".progress.json")
     state = json.loads(progress.read_text()) if progress.exists() else {"done": 0, "ids": {}}
     ids: dict[str, str] = state["ids"]
+    try:
+        client = mlflow.MlflowClient(uri)
+    except Exception as error:  # the store cannot even be opened
+        raise _stopped(spool, uri, state["done"], len(lines), error) from None
     for n, line in enumerate(lines[state["done"] :], start=state["done"]):
         args = {k: ids.get(v, v) if isinstance(v, str) else v for k, v in line["args"].items()}
         local = args.pop("local_id", None)
@@ -39,11 +50,7 @@ def replay(spool: Path, uri: str | None = None) -> tuple[int, str]:
             result = OPS[line["op"]](client, uri, **args)
         except Exception as error:  # the store failed again: keep what was done
             write_text(progress, json.dumps({"done": n, "ids": ids}))
-            raise EdgepcError(
-                f"replaying {spool.name} into {uri} failed at operation {n + 1} of {len(lines)} "
-                f"({type(error).__name__}: {str(error).strip()[:200]}): run the sync again "
-                "once MLflow answers; it goes on from there"
-            ) from None
+            raise _stopped(spool, uri, n, len(lines), error) from None
         if local is not None:
             ids[local] = result
     count = len(lines) - state["done"]
@@ -51,6 +58,15 @@ def replay(spool: Path, uri: str | None = None) -> tuple[int, str]:
     shutil.rmtree(spool.with_suffix(""), ignore_errors=True)
     spool.unlink()
     return count, uri
+
+
+def _stopped(spool: Path, uri: str, done: int, total: int, error: Exception) -> EdgepcError:
+    reason = " ".join(str(error).split())[:200]
+    return EdgepcError(
+        f"replaying {spool.name} into {uri} failed at operation {done + 1} of {total} "
+        f"({type(error).__name__}: {reason}): run the sync again once MLflow answers; it goes "
+        "on from there"
+    )
 
 
 def _complete_lines(spool: Path) -> list[str]:
