@@ -29,6 +29,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _spool(tmp_path_factory):
+    """Tracking that a failing store spools stays out of the project (subprocesses inherit)."""
+    os.environ["EDGEPC_SPOOL"] = str(tmp_path_factory.mktemp("spool"))
+
+
 def random_rotation(dim: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=dtype))
     return q

@@ -321,3 +321,4 @@ def test_two_pipelines_at_once_on_one_cache_compute_each_stage_once(tmp_path):
     ids = [e.experiment_id for e in client.search_experiments()]
     finished = [r for r in client.search_runs(ids) if r.info.status == "FINISHED"]
     assert len(finished) == 8  # two parents with three stage runs each
+    assert not list(Path(os.environ["EDGEPC_SPOOL"]).glob("*.jsonl"))  # all in the store

@@ -133,22 +133,27 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def experiment_id(client: Any, uri: str, name: str) -> str:
-    """The experiment ``name`` of the store, created (artifacts beside a sqlite store) if new."""
-    with _store_lock(artifact_root(uri)):  # two processes creating one sqlite store race
+def open_store(uri: str, experiment: str) -> tuple[Any, str]:
+    """A client of the store and the id of its ``experiment``, both created if new (the
+    experiment's artifacts beside a sqlite store)."""
+    import mlflow
+
+    root = artifact_root(uri)
+    with _store_lock(root):  # two processes creating one sqlite store race in its migration
+        client = mlflow.MlflowClient(uri)
         client.search_experiments(max_results=1)  # creates the tables of a new store
-        found = client.get_experiment_by_name(name)
+        found = client.get_experiment_by_name(experiment)
         if found is not None:
-            return found.experiment_id
-        root = artifact_root(uri)
-        return client.create_experiment(name, artifact_location=root.as_uri() if root else None)
+            return client, found.experiment_id
+        location = root.as_uri() if root else None
+        return client, client.create_experiment(experiment, artifact_location=location)
 
 
 # The write operations, on explicit run ids: the tracker calls them, the sync replays them.
 def _create_run(client: Any, uri: str, experiment: str, name: str, tags: dict, start: int,
                 parent: str | None = None) -> str:  # fmt: skip
     tags = {**tags, PARENT_TAG: parent} if parent else tags
-    run = client.create_run(experiment_id(client, uri, experiment), start, tags, run_name=name)
+    run = client.create_run(open_store(uri, experiment)[1], start, tags, run_name=name)
     return run.info.run_id
 
 
@@ -233,8 +238,7 @@ class Tracker:
         self.client: Any = None
         self.experiment_id: str | None = None
         try:
-            self.client = mlflow.MlflowClient(self.uri)
-            self.experiment_id = experiment_id(self.client, self.uri, experiment)
+            self.client, self.experiment_id = open_store(self.uri, experiment)
         except Exception as error:  # any failure of the store
             self._failed(error)
 

@@ -16,13 +16,11 @@ from pathlib import Path
 
 from edgepc.errors import EdgepcError
 from edgepc.files import write_text
-from edgepc.tracking import OPS, spool_folder
+from edgepc.tracking import OPS, open_store, spool_folder
 
 
 def replay(spool: Path, uri: str | None = None) -> tuple[int, str]:
     """Replay one spool file; returns (operations replayed now, the store's uri)."""
-    import mlflow
-
     lines = []
     for n, text in enumerate(_complete_lines(spool), start=1):
         try:
@@ -40,7 +38,7 @@ def replay(spool: Path, uri: str | None = None) -> tuple[int, str]:
     state = json.loads(progress.read_text()) if progress.exists() else {"done": 0, "ids": {}}
     ids: dict[str, str] = state["ids"]
     try:
-        client = mlflow.MlflowClient(uri)
+        client = open_store(uri, lines[0]["experiment"])[0]
     except Exception as error:  # the store cannot even be opened
         raise _stopped(spool, uri, state["done"], len(lines), error) from None
     for n, line in enumerate(lines[state["done"] :], start=state["done"]):
