@@ -7,7 +7,6 @@ import json
 import os
 import random
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -35,16 +34,16 @@ FINAL = ("teacher.pt", "student.pt", "qat_student.pt", "model.onnx", "testset.np
 
 
 def pipeline(
-    cache: Path, store: Path, *extra: str, env: dict | None = None, **popen
+    cache: Path, store: Path, *extra: str, env: dict | None = None, limit: list[str] = ()
 ) -> subprocess.Popen:
     """The cpu pipeline on SMALL as a user starts it, one thread (the same arithmetic in every
     run), its output line by line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", **(env or {})}  # fmt: skip
-    command = [sys.executable, "-m", "edgepc.pipelines.run", "cpu", "--cache", str(cache),
-               "--no-progress", *SMALL, *extra]  # fmt: skip
+    command = [*limit, sys.executable, "-m", "edgepc.pipelines.run", "cpu", "--cache",
+               str(cache), "--no-progress", *SMALL, *extra]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, **popen)  # fmt: skip
+                            env=env)  # fmt: skip
 
 
 def digest(path: Path) -> str:
@@ -267,21 +266,14 @@ def test_disk_full_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["training.pt"]
 
 
-def _file_size_limit(limit: int):
-    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 @pytest.mark.slow
 def test_disk_full_in_a_real_pipeline_then_rerun(tmp_path, clean):
-    """The pipeline process may write no file over 2 MB (RLIMIT_FSIZE: the kernel refuses
-    the write, as a full disk does): the teacher's 2.7 MB outputs fail. One line, exit 2,
-    nothing half-written; the rerun with space resumes and ends with the clean run's files."""
+    """The pipeline process may write no file over 2 MB (prlimit's RLIMIT_FSIZE: the kernel
+    refuses the write with EFBIG, as a full disk does with ENOSPC; Python ignores SIGXFSZ):
+    the teacher's 2.7 MB outputs fail. One line, exit 2, nothing half-written; the rerun with
+    space resumes and ends with the clean run's weights."""
     cache = tmp_path / "cache"
-    run = pipeline(cache, tmp_path, *UNTIL_DISTILL, preexec_fn=_file_size_limit(2_000_000))
+    run = pipeline(cache, tmp_path, *UNTIL_DISTILL, limit=["prlimit", "--fsize=2000000"])
     out = run.communicate(timeout=900)[0]
     assert run.returncode == 2, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
