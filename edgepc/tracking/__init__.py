@@ -153,8 +153,9 @@ def open_store(uri: str, experiment: str) -> tuple[Any, str]:
 def _create_run(client: Any, uri: str, experiment: str, name: str, tags: dict, start: int,
                 parent: str | None = None) -> str:  # fmt: skip
     tags = {**tags, PARENT_TAG: parent} if parent else tags
-    run = client.create_run(open_store(uri, experiment)[1], start, tags, run_name=name)
-    return run.info.run_id
+    found = client.get_experiment_by_name(experiment)  # missing: a sync into a new store
+    exp_id = found.experiment_id if found is not None else open_store(uri, experiment)[1]
+    return client.create_run(exp_id, start, tags, run_name=name).info.run_id
 
 
 def _log(client: Any, uri: str, run: str, metrics: list | None = None,
@@ -265,11 +266,11 @@ class Tracker:
         if self.down is None:
             try:
                 return OPS[op](self.client, self.uri, **_without(args, "local_id"))
-            except Exception as error:  # any failure of the store
-                self.spool.add(op, args)
+            except Exception as error:  # any failure of the store: this write and all later
+                self.spool.add(op, args)  # ones go to the spool
                 self._failed(error)  # stop: raises
-                return args.get("local_id", "spooled")
-        self.spool.add(op, args)
+        else:
+            self.spool.add(op, args)
         return args.get("local_id", "spooled")
 
     def close_killed_runs(self) -> list[str]:
