@@ -2,6 +2,7 @@
 
     python benchmarks/compare_losses.py                     # pipelines/study.yaml → docs/RESULTS.md
     python benchmarks/compare_losses.py --pairs mnist-tiny  # one pair (the report holds all done)
+    python benchmarks/compare_losses.py --pairs mnist-tiny --methods pc kd --out /tmp/part.md
     python benchmarks/compare_losses.py --profile smoke --out /tmp/study/RESULTS.md   # CI
 
 Every run is an ordinary pipeline run up to the distill stage (the deployed int8 rows: up to
@@ -40,6 +41,7 @@ import matplotlib.pyplot as plt
 from edgepc import __version__
 from edgepc.distill.losses import loss_names
 from edgepc.errors import EdgepcError
+from edgepc.files import save_figure, write_text
 from edgepc.hardware import cpu_name
 from edgepc.pipelines.config import PIPELINES, ConfigError, load_config
 from edgepc.pipelines.runner import default_cache, run_pipeline, stage_keys
@@ -393,8 +395,7 @@ def plot_accuracy(study: Study, records: list[Record], pairs: list[str], path: P
         ax.legend(fontsize=7)
     panels[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_coherence(study: Study, records: list[Record], pairs: list[str], path: Path) -> None:
@@ -413,8 +414,7 @@ def plot_coherence(study: Study, records: list[Record], pairs: list[str], path: 
         ax.set_title(f"{pair} · {setting}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def loss_cost_table() -> str:
@@ -528,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=PIPELINES / "study.yaml")
     parser.add_argument("--profile", help="a profile of the study config (smoke)")
     parser.add_argument("--pairs", nargs="*", help="train only these pairs (default: all)")
+    parser.add_argument(
+        "--methods", nargs="*",
+        help="train only these methods (default: all); e.g. split a pair across processes",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--cache", type=Path, default=None, help=f"default {default_cache()}")
     parser.add_argument("--tracking-uri", help="MLflow store (default: the project's)")
@@ -543,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(pairs) - set(study.pairs))
         if unknown:
             raise ConfigError(f"unknown pairs {unknown}; the study has {list(study.pairs)}")
+        if args.methods:
+            unknown = sorted(set(args.methods) - set(study.methods))
+            if unknown:
+                raise ConfigError(f"unknown methods {unknown}; the study has {study.methods}")
+            study = study.model_copy(update={"methods": args.methods})
         tracker = Tracker(args.tracking_uri)
         execute = Executor(study, tracker, args.cache or default_cache(), args.report_only)
         records: list[Record] = []
@@ -568,12 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = report(study, records, pairs, args.out, command.strip(),
                   time.perf_counter() - started, missing)  # fmt: skip
-    args.out.write_text(text)
+    write_text(args.out, text)
     raw = {"study": study.model_dump(), "python": platform.python_version(),
            "trained": execute.trained, "reused": execute.reused,
            "records": [{"run": asdict(r.run), "phase": r.phase, "metrics": r.metrics}
                        for r in records]}  # fmt: skip
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    write_text(args.out.with_suffix(".json"), json.dumps(raw, indent=1))
     print(f"{execute.trained} runs trained, {execute.reused} read back from MLflow; {args.out}")
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from edgepc.files import write_text
 from edgepc.hardware import describe, pick_device
 from edgepc.pipelines.config import load_config
 from edgepc.pipelines.stages import StageContext, data_stage, distill_stage, teacher_stage
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "full_profile.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "full_profile.md").write_text(markdown(report))
+        write_text((args.out / "full_profile.json"), json.dumps(report, indent=2) + "\n")
+        write_text((args.out / "full_profile.md"), markdown(report))
 
     def context(name: str) -> StageContext:
         workdir = args.work / name

@@ -31,6 +31,7 @@ from edgepc.distill.losses.pkt import pkt_loss
 from edgepc.distill.losses.rkd_angle import rkd_angle_loss
 from edgepc.distill.losses.rkd_distance import rkd_distance_loss
 from edgepc.distill.losses.sp import sp_loss
+from edgepc.files import write_text
 from edgepc.measure import median_seconds, peak_memory, peak_memory_in_fresh_process
 
 DIM_TEACHER, DIM_STUDENT = 512, 128
@@ -214,8 +215,8 @@ def run(device: torch.device, quick: bool, repeats: int, out_dir: Path) -> dict:
     suffix = "" if device.type == "cpu" else f"_{device.type}"
     stem = f"loss_cost{suffix}{'_quick' if quick else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown(report))
+    write_text((out_dir / f"{stem}.json"), json.dumps(report, indent=2) + "\n")
+    write_text((out_dir / f"{stem}.md"), markdown(report))
     return report
 
 
@@ -240,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         report = json.loads(args.render.read_text())
         report["targets"] = targets([Point(**p) for p in report["points"]])
-        args.render.write_text(json.dumps(report, indent=2) + "\n")
-        args.render.with_suffix(".md").write_text(markdown(report))
+        write_text(args.render, json.dumps(report, indent=2) + "\n")
+        write_text(args.render.with_suffix(".md"), markdown(report))
         print(markdown(report))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():

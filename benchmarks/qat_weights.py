@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from edgepc.files import write_text
 from edgepc.pipelines.config import load_config
 from edgepc.pipelines.runner import run_pipeline
 
@@ -55,7 +56,7 @@ def main() -> None:
     record = {"target": args.target, "profile": args.profile, "overrides": args.overrides,
               "rows": rows, "pick": pick}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2))
+    write_text((RESULTS / f"{name}.json"), json.dumps(record, indent=2))
     lines = [
         f"# QAT loss weights on the validation split ({args.target}, profile {args.profile})",
         "",
@@ -71,7 +72,7 @@ def main() -> None:
         f"{r['seconds']:.0f} |"
         for r in rows
     ]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_text((RESULTS / f"{name}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

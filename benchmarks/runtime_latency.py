@@ -26,6 +26,7 @@ import numpy as np
 
 from edgepc.export.bundle import MANIFEST, read_manifest
 from edgepc.export.runtimes import normalise, open_runtime
+from edgepc.files import write_text
 from edgepc.hardware import cpu_name
 from edgepc.measure import latency
 
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"runtime_latency-{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_text(stem.with_suffix(".json"), json.dumps(report, indent=2))
+    write_text(stem.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return 0
 

@@ -141,7 +141,7 @@ def test_int8_rows_are_pc_and_the_baseline_with_the_best_validation_top1():
 
 
 @pytest.mark.slow
-def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path):
+def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, capsys):
     out = tmp_path / "docs" / "RESULTS.md"
     args = ["--profile", "smoke", "--out", str(out), "--cache", str(tmp_path / "cache"),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
@@ -167,6 +167,14 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path):
     second = json.loads(out.with_suffix(".json").read_text())
     assert (second["trained"], second["reused"]) == (0, 6)
     assert second["records"] == first["records"]
+
+    assert study_module.main([*args, "--methods", "pc", "--report-only"]) == 0  # one shard
+    only = json.loads(out.with_suffix(".json").read_text())
+    assert (only["trained"], only["reused"]) == (0, 3)
+    assert {r["run"]["method"] for r in only["records"]} == {"pc"}
+    capsys.readouterr()
+    assert study_module.main([*args, "--methods", "pkd"]) == 2
+    assert capsys.readouterr().err == "error: unknown methods ['pkd']; the study has ['kd', 'pc']\n"
 
     changed = yaml.safe_load((PIPELINES / "study.yaml").read_text())
     changed["profiles"]["smoke"]["settings"]["class_aware"]["grid"]["weight"] = [0.3, 2.0]
