@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,21 +200,39 @@ class Record:
     metrics: dict[str, float]
 
 
-def plan(study: Study, pairs: list[str], execute: Executor) -> Iterator[Record]:
-    """Tune on the first seed, then every seed at the chosen trial; then the int8 rows."""
+def plan(
+    study: Study, pairs: list[str], execute: Executor, missing: list[str] | None = None
+) -> Iterator[Record]:
+    """Tune on the first seed, then every seed at the chosen trial. In read-only mode a method
+    whose runs the store lacks gets no final rows (its done trials stay) and its first missing
+    run goes to ``missing``; the other methods go on."""
     first, *others = study.seeds
     for pair, (setting, spec), method in itertools.product(
         pairs, study.settings.items(), study.methods
     ):
-        tuned = []
-        for run in trials(study, pair, setting, method, first):
-            tuned.append(Record(run, "tune", execute(run)))
-            yield tuned[-1]
-        best = choose(tuned, spec.select)
-        yield Record(best.run, "final", best.metrics)
-        for seed in others:
-            run = Run(pair, setting, method, best.run.knob, best.run.value, seed)
-            yield Record(run, "final", execute(run))
+        with _gap(missing):
+            tuned = []
+            for run in trials(study, pair, setting, method, first):
+                tuned.append(Record(run, "tune", execute(run)))
+                yield tuned[-1]
+            best = choose(tuned, spec.select)
+            final = [Record(best.run, "final", best.metrics)]
+            for seed in others:
+                run = Run(pair, setting, method, best.run.knob, best.run.value, seed)
+                final.append(Record(run, "final", execute(run)))
+            yield from final  # all seeds or none
+
+
+@contextmanager
+def _gap(missing: list[str] | None) -> Iterator[None]:
+    """Note a run the store lacks (read-only mode) in ``missing`` and go on; without a list the
+    gap is an error."""
+    try:
+        yield
+    except MissingRunError as gap:
+        if missing is None:
+            raise
+        missing.append(str(gap))
 
 
 def choose(tuned: list[Record], select: str) -> Record:
@@ -221,7 +240,9 @@ def choose(tuned: list[Record], select: str) -> Record:
     return max(tuned, key=lambda r: r.metrics[f"distill.val_{select}"])
 
 
-def deploy_plan(study: Study, records: list[Record], execute: Executor) -> Iterator[Record]:
+def deploy_plan(
+    study: Study, records: list[Record], execute: Executor, missing: list[str] | None = None
+) -> Iterator[Record]:
     """PC and the baseline with the best mean validation top-1, class-aware, every seed, int8."""
     if study.deploy is None or "class_aware" not in study.settings:
         return
@@ -232,9 +253,14 @@ def deploy_plan(study: Study, records: list[Record], execute: Executor) -> Itera
         return
     best = max(baselines, key=lambda m: rows[m]["val_top1"].mean)
     for method in ("pc", best):
-        for record in (r for r in final if r.run.method == method):
-            run = Run(**{**asdict(record.run), "deploy": True})
-            yield Record(run, "deploy", execute(run))
+        with _gap(missing):
+            deployed = [
+                Record(run, "deploy", execute(run))
+                for record in final
+                if record.run.method == method
+                for run in [Run(**{**asdict(record.run), "deploy": True})]
+            ]
+            yield from deployed  # all seeds or none
 
 
 @dataclass(frozen=True)
@@ -438,7 +464,7 @@ def report(
     out: Path,
     command: str,
     wall: float,
-    missing: str | None = None,
+    missing: list[str] | None = None,
 ) -> str:
     figures = out.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -469,8 +495,10 @@ def report(
         "validation metric is then trained with every seed. Test-split mean ± sample std over "
         "seeds. Verdicts: |Δ| ≤ 2 standard errors of the difference is a tie.",
         "",
-        f"- **Incomplete**: the store holds no run for `{missing}` yet (nor for what follows "
-        "it); the rows below are what was done."
+        "- **Incomplete**: the store holds no run yet for "
+        + ", ".join(f"`{m}`" for m in missing)
+        + ". A method with a missing run has no row in its table below (its done trials are in "
+        "the grid), and the int8 rows wait for their method's runs."
         if missing
         else "",
         "",
@@ -537,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store (default: the project's)")
     parser.add_argument(
         "--report-only", action="store_true",
-        help="train nothing: report what the store holds, up to the first missing run",
+        help="train nothing: report what the store holds (a method with a missing run: no row)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -555,20 +583,13 @@ def main(argv: list[str] | None = None) -> int:
         tracker = Tracker(args.tracking_uri)
         execute = Executor(study, tracker, args.cache or default_cache(), args.report_only)
         records: list[Record] = []
-        missing = None
+        missing: list[str] = []  # read-only mode: the first missing run of each method
         bar = tqdm(desc=study.name, unit="run")
-        try:
-            for pair in pairs:  # in read-only mode a pair stops at its first missing run
-                try:
-                    for record in plan(study, [pair], execute):
-                        records.append(record)
-                        bar.set_postfix_str(record.run.label)
-                        bar.update()
-                except MissingRunError as gap:
-                    missing = missing or str(gap)
-            records += list(deploy_plan(study, records, execute))
-        except MissingRunError as gap:
-            missing = missing or str(gap)
+        for record in plan(study, pairs, execute, missing):
+            records.append(record)
+            bar.set_postfix_str(record.run.label)
+            bar.update()
+        records += list(deploy_plan(study, records, execute, missing))
         bar.close()
     except (EdgepcError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

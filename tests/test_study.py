@@ -180,6 +180,19 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     changed["profiles"]["smoke"]["settings"]["class_aware"]["grid"]["weight"] = [0.3, 2.0]
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(changed))
+    assert study_module.main([*args, "--config", str(path), "--report-only"]) == 0
+    gaps = json.loads(out.with_suffix(".json").read_text())
+    assert gaps["trained"] == 0
+    assert {(r["run"]["setting"], r["phase"]) for r in gaps["records"]} == {
+        ("class_unaware", "tune"),
+        ("class_unaware", "final"),
+        ("class_aware", "tune"),
+    }
+    text = out.read_text()
+    for method in ("kd", "pc"):  # each method: its first missing run, and no class-aware row
+        assert f"`smoke class_aware {method} weight=2 seed 0`" in text
+        aware = text.split("### smoke · class-aware")[1].split("<details>")[0]
+        assert f"| {method} |" not in aware
     assert study_module.main([*args, "--config", str(path)]) == 0
     third = json.loads(out.with_suffix(".json").read_text())
     assert (third["trained"], third["reused"]) == (2, 4)  # kd and pc at weight 2
