@@ -182,7 +182,7 @@ class Executor:
             self.reused += 1
             return found[0]["metrics"]
         if self.read_only:
-            raise MissingRunError(run.label)
+            raise MissingRunError(run)
         tags |= {f"edgepc.study.{k}": str(v) for k, v in asdict(run).items()}
         report = run_pipeline(
             config, self.cache, self.tracker, progress=False, echo=lambda _: None,
@@ -201,7 +201,7 @@ class Record:
 
 
 def plan(
-    study: Study, pairs: list[str], execute: Executor, missing: list[str] | None = None
+    study: Study, pairs: list[str], execute: Executor, missing: list[Run] | None = None
 ) -> Iterator[Record]:
     """Tune on the first seed, then every seed at the chosen trial. In read-only mode a method
     whose runs the store lacks gets no final rows (its done trials stay) and its first missing
@@ -224,7 +224,7 @@ def plan(
 
 
 @contextmanager
-def _gap(missing: list[str] | None) -> Iterator[None]:
+def _gap(missing: list[Run] | None) -> Iterator[None]:
     """Note a run the store lacks (read-only mode) in ``missing`` and go on; without a list the
     gap is an error."""
     try:
@@ -232,7 +232,7 @@ def _gap(missing: list[str] | None) -> Iterator[None]:
     except MissingRunError as gap:
         if missing is None:
             raise
-        missing.append(str(gap))
+        missing.append(gap.args[0])
 
 
 def choose(tuned: list[Record], select: str) -> Record:
@@ -241,7 +241,7 @@ def choose(tuned: list[Record], select: str) -> Record:
 
 
 def deploy_plan(
-    study: Study, records: list[Record], execute: Executor, missing: list[str] | None = None
+    study: Study, records: list[Record], execute: Executor, missing: list[Run] | None = None
 ) -> Iterator[Record]:
     """PC and the baseline with the best mean validation top-1, class-aware, every seed, int8."""
     if study.deploy is None or "class_aware" not in study.settings:
@@ -457,6 +457,15 @@ def loss_cost_table() -> str:
     )
 
 
+def _gaps(missing: list[Run]) -> list[str]:
+    """``pair setting (method, method, …)`` for each pair and setting with a missing run."""
+    by_block: dict[str, list[str]] = {}
+    for run in missing:
+        kind = " int8" if run.deploy else ""
+        by_block.setdefault(f"{run.pair} {run.setting}{kind}", []).append(run.method)
+    return [f"{block} ({', '.join(methods)})" for block, methods in by_block.items()]
+
+
 def report(
     study: Study,
     records: list[Record],
@@ -464,7 +473,7 @@ def report(
     out: Path,
     command: str,
     wall: float,
-    missing: list[str] | None = None,
+    missing: list[Run] | None = None,
 ) -> str:
     figures = out.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -495,10 +504,10 @@ def report(
         "validation metric is then trained with every seed. Test-split mean ± sample std over "
         "seeds. Verdicts: |Δ| ≤ 2 standard errors of the difference is a tie.",
         "",
-        "- **Incomplete**: the store holds no run yet for "
-        + ", ".join(f"`{m}`" for m in missing)
-        + ". A method with a missing run has no row in its table below (its done trials are in "
-        "the grid), and the int8 rows wait for their method's runs."
+        "- **Incomplete**: the store does not hold every run yet of "
+        + "; ".join(_gaps(missing))
+        + ". Such a method has no row in its table below (its done trials are in the grid), "
+        "and the int8 rows wait for their method's runs."
         if missing
         else "",
         "",
@@ -583,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker = Tracker(args.tracking_uri)
         execute = Executor(study, tracker, args.cache or default_cache(), args.report_only)
         records: list[Record] = []
-        missing: list[str] = []  # read-only mode: the first missing run of each method
+        missing: list[Run] = []  # read-only mode: the first missing run of each method
         bar = tqdm(desc=study.name, unit="run")
         for record in plan(study, pairs, execute, missing):
             records.append(record)
