@@ -354,24 +354,58 @@ def grid_table(records: list[Record], pair: str, setting: str, select: str) -> s
     return "\n".join(lines)
 
 
-def reading(study: Study, records: list[Record], pair: str, setting: str) -> list[str]:
+@dataclass(frozen=True)
+class Comparison:
+    """PC against the best baseline (not scratch) on one test metric of one pair and setting."""
+
+    metric: str
+    rank: int  # PC's rank among every method, scratch included
+    methods: int
+    best: str
+    best_stat: Stat
+    pc: Stat
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.pc, self.best_stat)
+
+
+def compare(records: list[Record], pair: str, setting: str) -> list[Comparison]:
     rows = summarise(_final(records, pair, setting))
     if "pc" not in rows:
         return []
-    lines = []
+    found = []
     for metric in [*_metric_for(setting), "pc_triplet_agreement"]:
         key = f"test_{metric}"
         others = {m: s[key] for m, s in rows.items() if m not in ("pc", "scratch")}
         if not others:
             continue
         best = max(others, key=lambda m: others[m].mean)
-        rank = 1 + sum(s[key].mean > rows["pc"][key].mean for m, s in rows.items() if m != "pc")
         pc = rows["pc"][key]
-        lines.append(
-            f"- test {metric}: PC ranks {rank} of {len(rows)}; against the best baseline "
-            f"({best}, {others[best]}) PC ({pc}) {verdict(pc, others[best])}."
-        )
-    return lines
+        rank = 1 + sum(s[key].mean > pc.mean for m, s in rows.items() if m != "pc")
+        found.append(Comparison(metric, rank, len(rows), best, others[best], pc))
+    return found
+
+
+def reading(records: list[Record], pair: str, setting: str) -> list[str]:
+    return [
+        f"- test {c.metric}: PC ranks {c.rank} of {c.methods}; against the best baseline "
+        f"({c.best}, {c.best_stat}) PC ({c.pc}) {c.verdict}."
+        for c in compare(records, pair, setting)
+    ]
+
+
+def summary_table(study: Study, records: list[Record], pairs: list[str]) -> str:
+    """Every verdict of the report in one table: where PC wins, ties or loses."""
+    lines = ["| pair · setting | test metric | PC | best baseline | PC rank | verdict |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for pair, setting in itertools.product(pairs, study.settings):
+        for c in compare(records, pair, setting):
+            lines.append(
+                f"| {pair} · {setting.replace('_', '-')} | {c.metric} | {c.pc} | "
+                f"{c.best} {c.best_stat} | {c.rank} of {c.methods} | {c.verdict} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def deploy_table(records: list[Record]) -> str:
@@ -462,7 +496,8 @@ def _gaps(missing: list[Run]) -> list[str]:
     by_block: dict[str, list[str]] = {}
     for run in missing:
         kind = " int8" if run.deploy else ""
-        by_block.setdefault(f"{run.pair} {run.setting}{kind}", []).append(run.method)
+        block = f"{run.pair} {run.setting.replace('_', '-')}{kind}"
+        by_block.setdefault(block, []).append(run.method)
     return [f"{block} ({', '.join(methods)})" for block, methods in by_block.items()]
 
 
@@ -511,6 +546,10 @@ def report(
         if missing
         else "",
         "",
+        "## Summary: PC against the best baseline of each table",
+        "",
+        summary_table(study, records, pairs) or "(no pair has every seed of PC and a baseline)",
+        "",
         f"![accuracy by method](results/{study.name}-accuracy.png)",
         "",
         f"![coherence against accuracy](results/{study.name}-coherence.png)",
@@ -534,7 +573,7 @@ def report(
                 "",
                 method_table(study, records, pair, setting),
                 "",
-                *reading(study, records, pair, setting),
+                *reading(records, pair, setting),
                 "",
                 f"<details><summary>grid: {knob} ∈ {values}</summary>",
                 "",

@@ -159,6 +159,11 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
             assert len(numbers) >= 4
             assert all(0 <= x <= 1 for x in numbers)
     assert (out.parent / "results" / "study-accuracy.png").stat().st_size > 10_000
+    summary = text.split("## Summary")[1].split("![")[0]
+    verdicts = [line for line in summary.splitlines() if line.startswith("| smoke")]
+    assert len(verdicts) == 3 + 4  # unaware: knn, probe, triplet; aware: top1 too
+    for line in verdicts:  # PC against kd, the only baseline, with one seed
+        assert re.search(r"\| kd 0\.\d{4} \| [12] of 2 \| one seed: no noise estimate \|$", line)
     metrics = {(r["run"]["setting"], r["run"]["method"], r["run"]["value"]): r["metrics"]
                for r in first["records"]}  # fmt: skip
     assert all(m["distill.train_size"] == 200 for m in metrics.values())
@@ -189,7 +194,7 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
         ("class_aware", "tune"),
     }
     text = out.read_text()
-    assert "every run yet of smoke class_aware (kd, pc)." in text
+    assert "every run yet of smoke class-aware (kd, pc)." in text
     aware = text.split("### smoke · class-aware")[1].split("<details>")[0]
     assert "| kd |" not in aware  # a method with a gap has no row
     assert "| pc |" not in aware
