@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
-        write_text((args.out / "full_profile.json"), json.dumps(report, indent=2) + "\n")
-        write_text((args.out / "full_profile.md"), markdown(report))
+        write_text(args.out / "full_profile.json", json.dumps(report, indent=2) + "\n")
+        write_text(args.out / "full_profile.md", markdown(report))
 
     def context(name: str) -> StageContext:
         workdir = args.work / name

@@ -56,7 +56,7 @@ def main() -> None:
     record = {"target": args.target, "profile": args.profile, "overrides": args.overrides,
               "rows": rows, "pick": pick}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    write_text((RESULTS / f"{name}.json"), json.dumps(record, indent=2))
+    write_text(RESULTS / f"{name}.json", json.dumps(record, indent=2))
     lines = [
         f"# QAT loss weights on the validation split ({args.target}, profile {args.profile})",
         "",
@@ -72,7 +72,7 @@ def main() -> None:
         f"{r['seconds']:.0f} |"
         for r in rows
     ]
-    write_text((RESULTS / f"{name}.md"), "\n".join(lines) + "\n")
+    write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
