@@ -294,7 +294,7 @@ def summarise(final: list[Record], stage: str = "distill") -> dict[str, dict[str
     }
 
 
-def verdict(pc: Stat, other: Stat) -> str:
+def verdict(pc: Stat, other: Stat, lower_is_better: bool = False) -> str:
     """win / tie / lose for PC: the difference of means against twice its standard error."""
     diff = pc.mean - other.mean
     se = math.sqrt(pc.std**2 / max(pc.n, 1) + other.std**2 / max(other.n, 1))
@@ -302,7 +302,7 @@ def verdict(pc: Stat, other: Stat) -> str:
         return "one seed: no noise estimate"
     if abs(diff) <= 2 * se:
         return f"tie (Δ {100 * diff:+.2f} points, 2·SE {200 * se:.2f})"
-    word = "wins" if diff > 0 else "loses"
+    word = "wins" if (diff > 0) != lower_is_better else "loses"
     return f"{word} (Δ {100 * diff:+.2f} points, 2·SE {200 * se:.2f})"
 
 
@@ -423,7 +423,21 @@ def deploy_table(records: list[Record]) -> str:
                  str(s["int8_test_pc_triplet_agreement"]), f"{s['int8_p50_ms_1t'].mean:.3f}",
                  f"{s['int8_size_mb'].mean:.3f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    other = next((m for m in rows if m != "pc"), None)
+    if "pc" in rows and other:  # does PC's standing survive quantization?
+        lines.append("")
+        for key, what, lower in (("int8_test_top1", "int8 top-1", False),
+                                 ("int8_drop_points", "top-1 lost through int8 (fraction)", True),
+                                 ("int8_test_pc_triplet_agreement", "int8 triplet agreement",
+                                  False)):  # fmt: skip
+            pc, base = (_fraction(rows[m][key]) if lower else rows[m][key] for m in ("pc", other))
+            lines.append(f"- {what}: PC ({pc}) against {other} ({base}) "
+                         f"{verdict(pc, base, lower)}.")  # fmt: skip
     return "\n".join(lines)
+
+
+def _fraction(points: Stat) -> Stat:
+    return Stat(points.mean / 100, points.std / 100, points.n)
 
 
 def _final(records: list[Record], pair: str, setting: str) -> list[Record]:

@@ -115,6 +115,27 @@ def test_selection_statistics_and_verdicts():
     assert verdict(Stat(0.80, 0.01, 3), Stat(0.90, 0.01, 3)).startswith("loses")
     assert verdict(Stat(0.81, 0.02, 3), Stat(0.80, 0.02, 3)).startswith("tie")
     assert verdict(Stat(0.9, 0, 1), Stat(0.8, 0, 1)) == "one seed: no noise estimate"
+    lower = verdict(Stat(0.001, 0.001, 3), Stat(0.01, 0.001, 3), lower_is_better=True)
+    assert lower.startswith("wins (Δ -0.90 points")
+
+
+def test_int8_table_says_whether_pc_keeps_its_standing_through_quantization():
+    def deployed(method, seed, top1, drop):
+        run = Run("p", "class_aware", method, "weight", 1.0, seed, deploy=True)
+        metrics = {"fp32_test_top1": top1 + drop / 100, "int8_test_top1": top1,
+                   "int8_drop_points": drop, "fp32_test_pc_triplet_agreement": 0.75,
+                   "int8_test_pc_triplet_agreement": 0.75, "int8_p50_ms_1t": 0.1,
+                   "int8_size_mb": 0.04}  # fmt: skip
+        return Record(run, "deploy", {f"validate.{k}": v for k, v in metrics.items()})
+
+    records = [deployed("pc", s, 0.83 + s / 1000, 0.1 * s) for s in range(3)]
+    records += [deployed("dist", s, 0.85 + s / 1000, 1 + 0.1 * s) for s in range(3)]
+    lines = study_module.deploy_table(records).splitlines()
+    assert lines[2].startswith("| pc | 0.8320 ± 0.0020 | 0.8310 ± 0.0010 | 0.10 ± 0.10 |")
+    assert lines[-3].startswith("- int8 top-1: PC (0.8310 ± 0.0010) against dist (0.8510 ± ")
+    assert lines[-3].endswith("loses (Δ -2.00 points, 2·SE 0.16).")
+    assert lines[-2].endswith("wins (Δ -1.00 points, 2·SE 0.16).")  # PC loses less
+    assert lines[-1].endswith("tie (Δ +0.00 points, 2·SE 0.00).")
 
 
 def test_int8_rows_are_pc_and_the_baseline_with_the_best_validation_top1():
