@@ -254,12 +254,9 @@ def deploy_plan(
     best = max(baselines, key=lambda m: rows[m]["val_top1"].mean)
     for method in ("pc", best):
         with _gap(missing):
-            deployed = [
-                Record(run, "deploy", execute(run))
-                for record in final
-                if record.run.method == method
-                for run in [Run(**{**asdict(record.run), "deploy": True})]
-            ]
+            mine = [r.run for r in final if r.run.method == method]
+            runs = [Run(**{**asdict(run), "deploy": True}) for run in mine]
+            deployed = [Record(run, "deploy", execute(run)) for run in runs]
             yield from deployed  # all seeds or none
 
 
