@@ -23,7 +23,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -165,12 +166,14 @@ class MissingRunError(Exception):
 
 
 class Executor:
-    """Runs (or reads back from MLflow) the pipeline of a study run; counts what it trained.
-    ``read_only``: never train, raise :class:`MissingRunError` instead."""
+    """Runs (or reads back from MLflow) the pipeline of a study run; counts what it trained,
+    and on which device each run trained. ``read_only``: never train, raise
+    :class:`MissingRunError` instead."""
 
     def __init__(self, study: Study, tracker: Tracker, cache: Path, read_only: bool) -> None:
         self.study, self.tracker, self.cache, self.read_only = study, tracker, cache, read_only
         self.trained = self.reused = 0
+        self.devices: Counter[str] = Counter()
 
     def __call__(self, run: Run) -> dict[str, float]:
         until = "validate" if run.deploy else "distill"
@@ -180,6 +183,7 @@ class Executor:
         found = self.tracker.search({**tags, "edgepc.kind": "pipeline"}, finished=True)
         if found:
             self.reused += 1
+            self.devices[found[0]["tags"].get("edgepc.device", "unrecorded")] += 1
             return found[0]["metrics"]
         if self.read_only:
             raise MissingRunError(run)
@@ -189,6 +193,7 @@ class Executor:
             until=until, tags=tags,
         )  # fmt: skip
         self.trained += 1
+        self.devices[report.device] += 1
         metrics = {f"{s.stage}.{k}": v for s in report.stages for k, v in s.metrics.items()}
         return metrics | {f"{s.stage}.seconds": s.seconds for s in report.stages}
 
@@ -519,6 +524,7 @@ def report(
     out: Path,
     command: str,
     wall: float,
+    devices: Mapping[str, int],
     missing: list[Run] | None = None,
 ) -> str:
     figures = out.parent / "results"
@@ -538,6 +544,9 @@ def report(
         f"- {len(runs)} pipeline runs (tuning, seeds {seeds}, int8); their training and evaluation "
         f"took {compute / 3600:.2f} h of compute when they ran; this invocation took "
         f"{wall / 60:.1f} min.",
+        "- Runs trained on (the `edgepc.device` tag of each): "
+        + ", ".join(f"{device} ({n} runs)" for device, n in sorted(devices.items()))
+        + ".",
         f"- Every run is the `{study.pipeline}` pipeline up to its distill stage with the pair's "
         "overrides: same teacher, student, split, epochs, optimiser, schedule and augmentation; "
         "only the transfer loss (and its tuned value) differs. Runs are in MLflow with the tag "
@@ -656,10 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/compare_losses.py " + " ".join(argv or sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = report(study, records, pairs, args.out, command.strip(),
-                  time.perf_counter() - started, missing)  # fmt: skip
+                  time.perf_counter() - started, execute.devices, missing)  # fmt: skip
     write_text(args.out, text)
     raw = {"study": study.model_dump(), "python": platform.python_version(),
-           "trained": execute.trained, "reused": execute.reused,
+           "trained": execute.trained, "reused": execute.reused, "devices": execute.devices,
            "records": [{"run": asdict(r.run), "phase": r.phase, "metrics": r.metrics}
                        for r in records]}  # fmt: skip
     write_text(args.out.with_suffix(".json"), json.dumps(raw, indent=1))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from edgepc.hardware import pick_device
 from edgepc.pipelines.config import PIPELINES, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,10 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     first = json.loads(out.with_suffix(".json").read_text())
     # class-unaware: kd, pc × 1 lr; class-aware: kd, pc × 2 weights; one seed.
     assert (first["trained"], first["reused"]) == (6, 0)
+    [(device, runs)] = first["devices"].items()  # where each run trained, from the pipeline
+    assert (device.split(":")[0], runs) == (pick_device("auto").type, 6)
     text = out.read_text()
+    assert f"Runs trained on (the `edgepc.device` tag of each): {device} (6 runs)." in text
     for setting in ("class-unaware", "class-aware"):
         section = text.split(f"### smoke · {setting}")[1].split("<details>")[0]  # not the grid
         rows = [line for line in section.splitlines() if line.startswith(("| kd", "| pc"))]
@@ -192,6 +196,7 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     assert study_module.main(args) == 0  # everything read back from MLflow, nothing trained
     second = json.loads(out.with_suffix(".json").read_text())
     assert (second["trained"], second["reused"]) == (0, 6)
+    assert second["devices"] == first["devices"]  # read back from the runs' tags
     assert second["records"] == first["records"]
 
     assert study_module.main([*args, "--methods", "pc", "--report-only"]) == 0  # one shard

@@ -79,6 +79,7 @@ class PipelineReport:
     stages: list[StageReport]
     artifacts: str = ""  # the validate stage's table (with the registry's versions)
     rows: dict[str, dict[str, float]] = field(default_factory=dict)  # validate: per artifact
+    device: str = ""  # where this invocation's stages ran, as hardware.describe names it
 
 
 def default_cache() -> Path:
@@ -190,7 +191,10 @@ def run_pipeline(
         tracker.log_metrics({f"{r.stage}.{k}": v for r in reports for k, v in r.metrics.items()})
         tracker.log_metrics({f"{r.stage}.seconds": r.seconds for r in reports})
     rows = done["validate"][1].facts["rows"] if "validate" in done else {}
-    return PipelineReport(config.name, parent, tracker.uri, reports, artifacts_table(done), rows)
+    device_name = tags["edgepc.device"]
+    return PipelineReport(
+        config.name, parent, tracker.uri, reports, artifacts_table(done), rows, device_name
+    )
 
 
 @contextlib.contextmanager
