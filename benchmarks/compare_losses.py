@@ -494,17 +494,34 @@ def plot_coherence(study: Study, records: list[Record], pairs: list[str], path: 
 
 
 def loss_cost_table() -> str:
-    path = ROOT / "benchmarks" / "results" / "loss_cost.json"
-    if not path.is_file():
+    """Forward + backward of each loss at B = 128 on every device benchmarks/results has."""
+    paths = [ROOT / "benchmarks" / "results" / f"loss_cost{s}.json" for s in ("", "_cuda")]
+    reports = [json.loads(path.read_text()) for path in paths if path.is_file()]
+    if not reports:
         return "(no benchmarks/results/loss_cost.json: run `python benchmarks/loss_cost.py`)"
-    data = json.loads(path.read_text())
-    points = [p for p in data["points"] if p["batch"] == 128 and p["seconds"] is not None]
-    lines = ["| loss | forward + backward, B = 128 (ms) | peak extra MiB |", "|---|---|---|"]
-    lines += [f"| {p['loss']} | {1000 * p['seconds']:.1f} | {p['peak_mib']:.0f} |" for p in points]
-    return (
-        "\n".join(lines)
-        + f"\n\n{data['device_name']}, {data['threads']} threads: `{data['command']}`"
+    at_128 = [
+        {p["loss"]: p for p in r["points"] if p["batch"] == 128 and p["seconds"] is not None}
+        for r in reports
+    ]
+    losses = list(dict.fromkeys(loss for points in at_128 for loss in points))
+    columns = " | ".join(f"{r['device_name']}: ms / peak extra MiB" for r in reports)
+    lines = [f"| loss | {columns} |", "|---|" + "---|" * len(reports)]
+    for loss in losses:
+        cells = [
+            f"{1000 * p[loss]['seconds']:.1f} / {p[loss]['peak_mib']:.0f}" if loss in p else ""
+            for p in at_128
+        ]
+        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [
+        f"- {r['device_name']}, {r['threads']} threads, median of {r['repeats']}: `{r['command']}`"
+        for r in reports
+    ]
+    lines.append(
+        "- Forward + backward at B = 128. On a GPU a batch this small is bound by "
+        "kernel launches; `benchmarks/results/loss_cost*.md` have B = 64 to 2048."
     )
+    return "\n".join(lines)
 
 
 def _gaps(missing: list[Run]) -> list[str]:

@@ -227,3 +227,15 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     assert study_module.main([*args, "--config", str(path)]) == 0
     third = json.loads(out.with_suffix(".json").read_text())
     assert (third["trained"], third["reused"]) == (2, 4)  # kd and pc at weight 2
+
+
+def test_loss_cost_table_has_every_transfer_loss_on_every_measured_device():
+    table = study_module.loss_cost_table()
+    header, _, *rows = table.split("\n\n")[0].splitlines()
+    devices = header.count("ms / peak extra MiB")
+    assert devices == 2  # benchmarks/results holds a CPU and a CUDA run
+    cells = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ")[1:] for row in rows}
+    assert set(cells) == {*study().methods, "pc_reference"} - {"scratch"}
+    for values in cells.values():
+        assert len(values) == devices
+        assert all(re.fullmatch(r"\d+\.\d / \d+", v) for v in values)
