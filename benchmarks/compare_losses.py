@@ -398,16 +398,23 @@ def reading(records: list[Record], pair: str, setting: str) -> list[str]:
 
 
 def summary_table(study: Study, records: list[Record], pairs: list[str]) -> str:
-    """Every verdict of the report in one table: where PC wins, ties or loses."""
+    """Every verdict of the report in one table, and their tally: where PC wins, ties or loses."""
+    found = [(pair, setting, c) for pair, setting in itertools.product(pairs, study.settings)
+             for c in compare(records, pair, setting)]  # fmt: skip
+    if not found:
+        return ""
     lines = ["| pair · setting | test metric | PC | best baseline | PC rank | verdict |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    for pair, setting in itertools.product(pairs, study.settings):
-        for c in compare(records, pair, setting):
-            lines.append(
-                f"| {pair} · {setting.replace('_', '-')} | {c.metric} | {c.pc} | "
-                f"{c.best} {c.best_stat} | {c.rank} of {c.methods} | {c.verdict} |"
-            )
-    return "\n".join(lines) if len(lines) > 2 else ""
+    lines += [
+        f"| {pair} · {setting.replace('_', '-')} | {c.metric} | {c.pc} | "
+        f"{c.best} {c.best_stat} | {c.rank} of {c.methods} | {c.verdict} |"
+        for pair, setting, c in found
+    ]
+    words = Counter(c.verdict.split()[0] for *_, c in found)
+    single = f"; {words['one']} have one seed" if words["one"] else ""
+    lines += ["", f"PC wins {words['wins']}, ties {words['tie']} and loses {words['loses']} "
+              f"of these {len(found)} verdicts{single}."]  # fmt: skip
+    return "\n".join(lines)
 
 
 def deploy_table(records: list[Record]) -> str:

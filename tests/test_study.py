@@ -187,6 +187,7 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     summary = text.split("## Summary")[1].split("![")[0]
     verdicts = [line for line in summary.splitlines() if line.startswith("| smoke")]
     assert len(verdicts) == 3 + 4  # unaware: knn, probe, triplet; aware: top1 too
+    assert "PC wins 0, ties 0 and loses 0 of these 7 verdicts; 7 have one seed." in summary
     for line in verdicts:  # PC against kd, the only baseline, with one seed
         assert re.search(r"\| kd 0\.\d{4} \| [12] of 2 \| one seed: no noise estimate \|$", line)
     metrics = {(r["run"]["setting"], r["run"]["method"], r["run"]["value"]): r["metrics"]
