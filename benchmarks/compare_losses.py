@@ -296,15 +296,28 @@ def summarise(final: list[Record], stage: str = "distill") -> dict[str, dict[str
     }
 
 
-def verdict(pc: Stat, other: Stat, lower_is_better: bool = False) -> str:
-    """win / tie / lose for PC: the difference of means against twice its standard error."""
-    diff = pc.mean - other.mean
+def _difference(pc: Stat, other: Stat) -> tuple[float, float]:
+    """PC's mean minus the other's, and the standard error of that difference."""
     se = math.sqrt(pc.std**2 / max(pc.n, 1) + other.std**2 / max(other.n, 1))
+    return pc.mean - other.mean, se
+
+
+def outcome(pc: Stat, other: Stat, lower_is_better: bool = False) -> str:
+    """``wins``, ``tie`` or ``loses`` for PC (|Δ| ≤ 2 SE is a tie); ``one seed`` without noise."""
     if pc.n < 2 or other.n < 2:
-        return "one seed: no noise estimate"
+        return "one seed"
+    diff, se = _difference(pc, other)
     if abs(diff) <= 2 * se:
-        return f"tie (Δ {100 * diff:+.2f} points, 2·SE {200 * se:.2f})"
-    word = "wins" if (diff > 0) != lower_is_better else "loses"
+        return "tie"
+    return "wins" if (diff > 0) != lower_is_better else "loses"
+
+
+def verdict(pc: Stat, other: Stat, lower_is_better: bool = False) -> str:
+    """The outcome for PC with its difference of means and twice its standard error."""
+    word = outcome(pc, other, lower_is_better)
+    if word == "one seed":
+        return "one seed: no noise estimate"
+    diff, se = _difference(pc, other)
     return f"{word} (Δ {100 * diff:+.2f} points, 2·SE {200 * se:.2f})"
 
 
@@ -410,8 +423,8 @@ def summary_table(study: Study, records: list[Record], pairs: list[str]) -> str:
         f"{c.best} {c.best_stat} | {c.rank} of {c.methods} | {c.verdict} |"
         for pair, setting, c in found
     ]
-    words = Counter(c.verdict.split()[0] for *_, c in found)
-    single = f"; {words['one']} have one seed" if words["one"] else ""
+    words = Counter(outcome(c.pc, c.best_stat) for *_, c in found)
+    single = f"; {words['one seed']} have one seed" if words["one seed"] else ""
     lines += ["", f"PC wins {words['wins']}, ties {words['tie']} and loses {words['loses']} "
               f"of these {len(found)} verdicts{single}."]  # fmt: skip
     return "\n".join(lines)
