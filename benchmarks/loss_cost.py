@@ -2,6 +2,7 @@
 
     python benchmarks/loss_cost.py            # full: B = 64 … 1024 (2048 for pc), CPU (+ CUDA)
     python benchmarks/loss_cost.py --quick    # B = 64, 128, 256: about a minute on 2 cores
+    python benchmarks/loss_cost.py --sizes 32 --losses pc kd   # chosen points only
 
 Each time is the median of several runs in this process; each memory figure is measured (the
 process's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA) above the level before the
@@ -117,11 +118,15 @@ def measure(points: list[Point], device: torch.device, repeats: int) -> None:
         p.peak_mib = peak_bytes / 2**20
 
 
-def plan(quick: bool) -> list[Point]:
-    """The points to measure, in order."""
-    sizes = [64, 128, 256] if quick else [64, 128, 256, 512, 1024]
-    points = [Point(name, b) for b in sizes for name in LOSSES]
-    return points if quick else [*points, Point("pc", 2048)]
+def plan(
+    quick: bool, sizes: list[int] | None = None, losses: list[str] | None = None
+) -> list[Point]:
+    """The points to measure, in order: every loss (or ``losses``) at every batch size (or
+    ``sizes``), and pc at 2048 in the full plan."""
+    chosen = sizes or ([64, 128, 256] if quick else [64, 128, 256, 512, 1024])
+    points = [Point(name, b) for b in chosen for name in losses or LOSSES]
+    full = not (quick or sizes or losses)
+    return [*points, Point("pc", 2048)] if full else points
 
 
 def lookup(points: list[Point], loss: str, batch: int) -> Point | None:
@@ -192,10 +197,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(device: torch.device, quick: bool, repeats: int, out_dir: Path) -> dict:
+def run(
+    device: torch.device,
+    quick: bool,
+    repeats: int,
+    out_dir: Path,
+    sizes: list[int] | None = None,
+    losses: list[str] | None = None,
+) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    points = plan(quick)
+    points = plan(quick, sizes, losses)
     measure(points, device, repeats)
     report = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -213,7 +225,7 @@ def run(device: torch.device, quick: bool, repeats: int, out_dir: Path) -> dict:
     }
     report["targets"] = targets(points)
     suffix = "" if device.type == "cpu" else f"_{device.type}"
-    stem = f"loss_cost{suffix}{'_quick' if quick else ''}"
+    stem = f"loss_cost{suffix}" + ("_quick" if quick else "_custom" if sizes or losses else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text((out_dir / f"{stem}.json"), json.dumps(report, indent=2) + "\n")
     write_text((out_dir / f"{stem}.md"), markdown(report))
@@ -229,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: CPU, then CUDA too when present",
     )
+    parser.add_argument("--sizes", type=int, nargs="+", help="batch sizes (instead of the plan)")
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), help="only these losses")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")
     parser.add_argument(
@@ -252,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in devices:
         if name == "cuda" and not torch.cuda.is_available():
             continue
-        report = run(torch.device(name), args.quick, args.repeats, args.out)
+        report = run(torch.device(name), args.quick, args.repeats, args.out, args.sizes,
+                     args.losses)  # fmt: skip
         print(markdown(report))
     return 0
 

@@ -2,7 +2,9 @@
 
 Every file edgepc writes goes through :func:`atomic_path`: the writer fills a temporary file
 beside the target, which is fsync'ed and renamed over it. A crash, a kill or a full disk
-leaves the previous file (or none), never half of one, and no temporary file behind.
+leaves the previous file (or none), never half of one; an error removes the temporary file, and
+the temporary files of a killed writer are removed by :func:`remove_stale_temporaries` when the
+work resumes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp")  # .<name>.<pid>.tmp<suffix>, see atomic_path
 
 
 class DiskFullError(EdgepcError):
@@ -47,6 +51,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
                 "stages and epochs are kept"
             ) from None
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files under ``folder`` whose writer process is gone (killed while
+    writing: ``kill -9`` runs no cleanup); returns them."""
+    stale = []
+    for path in folder.rglob(".*.tmp*"):
+        match = TEMPORARY.match(path.name)
+        if match and path.is_file() and not _alive(int(match[1])):
+            path.unlink(missing_ok=True)
+            stale.append(path)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def no_space(error: BaseException | None) -> bool:

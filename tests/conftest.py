@@ -1,4 +1,8 @@
+import fcntl
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -7,6 +11,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +28,44 @@ from edgepc.quant import convert
 from edgepc.quant.finetune import ptq
 
 CPU = torch.device("cpu")
+# The cpu pipeline at the smallest size where every stage does real work (300 real images).
+SMALL = [
+    "data.train_limit=300",
+    "data.calibration_size=64",
+    "teacher.model=tiny_cnn",
+    "teacher.train={epochs: 4, batch_size: 32, lr: 0.003, augment: false}",
+    "distill.student=tiny_cnn",
+    "distill.train.epochs=2",
+    "distill.train.batch_size=64",
+    "distill.pc_eval_limit=300",
+    "qat.train={epochs: 1, batch_size: 64, lr: 0.0003, alpha: 1.0, beta: 1.0, gamma: 1.0}",
+    "qat.train_limit=200",
+    "qat.pc_eval_limit=300",
+    "qat.plain_qat=false",
+    "export.ptq=false",
+    "export.parity_size=300",
+    "export.pc_eval_limit=300",
+    "validation.latency={warmup: 2, iterations: 20, threads: [1]}",
+    # Students trained on 300 images are not deployable: int8 may lose a few points of a low
+    # top-1. The gate itself is tested in test_export.py.
+    "validation.max_drop=10",
+]
+STARTED = re.compile(r"^\[(\w+)\] running in ")
+# A row of the summary table: stage, status, seconds, key metrics, MLflow run.
+SUMMARY = re.compile(r"^(\w+) +(ran|cached) +([\d.]+) .*?([0-9a-f]{32}) *$", re.M)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, the workers share the cores: torch in each takes its share."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (pytest-xdist's work stealing then ends the session on short ones), and
+    first among them those that do not wait for the shared run (see :func:`small`)."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 "small" in item.fixturenames))  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -82,26 +126,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Tiny:
+    """Real Fashion-MNIST images and two tiny CNNs trained on them, shared by the tests."""
+
+    x: torch.Tensor  # 1,500 training images (uint8) and their labels
+    y: torch.Tensor
+    val_x: torch.Tensor  # 600 validation images of the same split
+    val_y: torch.Tensor
+    test_x: torch.Tensor  # the first 500 test images
+    test_y: torch.Tensor
+    norm: Normalisation
+    teacher: torch.nn.Module  # trained on labels
+    student: torch.nn.Module  # distilled from the teacher (α = β = 1)
+    classes: tuple[str, ...]
+
+
 @pytest.fixture(scope="session")
-def setup(tmp_path_factory):
-    """A tiny CNN trained briefly on real Fashion-MNIST, its PTQ int8 graph (cpu recipe and
-    jetson's symmetric one), and a test set file with 300 real test images."""
+def tiny() -> Tiny:
     d = load_dataset("fashion-mnist", download=False)
-    s = make_splits(d.train_labels, train_limit=600, seed=0)
+    s = make_splits(d.train_labels, train_limit=1500, seed=0)
     x, y = d.train_images[s.train], d.train_labels[s.train]
     norm = Normalisation(*map(tuple, channel_stats(x)))
     torch.manual_seed(0)
-    model = build_model("tiny_cnn")
-    train(model, x, y, norm, TrainConfig(epochs=2, lr=3e-3), CPU, progress=False)
-    model.eval()
-    int8 = {t: convert(ptq(model, t, x[:256], norm)) for t in ("cpu", "jetson")}
+    teacher = build_model("tiny_cnn")
+    train(teacher, x, y, norm, TrainConfig(epochs=4, lr=3e-3), CPU, progress=False)
+    torch.manual_seed(1)
+    student = build_model("tiny_cnn")
+    config = TrainConfig(epochs=4, lr=3e-3, beta=1.0)
+    train(student, x, y, norm, config, CPU, teacher=teacher, progress=False)
+    teacher.eval()
+    student.eval()
+    val = s.val[:600]
+    return Tiny(x, y, d.train_images[val], d.train_labels[val], d.test_images[:500],
+                d.test_labels[:500], norm, teacher, student, tuple(d.classes))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def setup(tiny, tmp_path_factory):
+    """The tiny student, its PTQ int8 graph (cpu recipe and jetson's symmetric one), and a test
+    set file with 300 real test images."""
+    int8 = {t: convert(ptq(tiny.student, t, tiny.x[:256], tiny.norm)) for t in ("cpu", "jetson")}
     int8["mobile"] = int8["cpu"]
+    d = load_dataset("fashion-mnist", download=False)
     folder = tmp_path_factory.mktemp("testset")
     teacher = torch.randn(300, 16).numpy()  # any reference embeddings of the first images
     testset = write_testset(folder / TESTSET, d.test_images[:300].numpy(),
                             d.test_labels[:300].numpy(), teacher)  # fmt: skip
-    spec = Normalise(mean=list(norm.mean), std=list(norm.std))
-    return model, int8, testset, spec, d.classes
+    spec = Normalise(mean=list(tiny.norm.mean), std=list(tiny.norm.std))
+    return tiny.student, int8, testset, spec, tiny.classes
 
 
 def bundle(tmp_path, setup, target, source):
@@ -111,3 +184,91 @@ def bundle(tmp_path, setup, target, source):
     folder = tmp_path / f"{target}-{'fp32' if source == 'fp32' else 'int8'}"
     return write_bundle(folder, chosen, torch.from_numpy(example), target, source, testset,
                         spec, list(classes))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory, worker_id) -> Path:
+    """A temporary folder that every worker of this test session sees."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+def start_pipeline(
+    cache: Path,
+    store: Path,
+    *extra: str,
+    env: dict | None = None,
+    limit: list[str] = (),
+    wrap: list[str] = (),
+    stdout: int = subprocess.PIPE,
+) -> subprocess.Popen:
+    """The cpu pipeline on SMALL as a user starts it, one thread (the same arithmetic in every
+    run), its output line by line; MLflow in ``store/mlflow.db``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", **(env or {})}  # fmt: skip
+    command = [*wrap, *limit, sys.executable, "-m", "edgepc.pipelines.run", "cpu", "--cache",
+               str(cache), "--no-progress", *SMALL, *extra]  # fmt: skip
+    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@dataclass(frozen=True)
+class SmallRun:
+    """One uninterrupted run of the cpu pipeline on SMALL (:func:`start_pipeline`)."""
+
+    cache: Path
+    # From the summary table, per stage:
+    durations: dict[str, float]  # seconds it took
+    statuses: dict[str, str]  # ran | cached
+    run_ids: dict[str, str]  # its MLflow run
+    output: str
+
+    def result(self, stage: str) -> dict:
+        """The ``result.json`` of ``stage``: its metrics, files and facts."""
+        return json.loads(next(self.cache.glob(f"{stage}-*/result.json")).read_text())
+
+    def copy(self, to: Path, stages: tuple[str, ...] | None = None) -> Path:
+        """A cache of one's own at ``to``: the run's stage folders (only ``stages``' if given);
+        MLflow starts empty there (a stage read from the cache is logged again)."""
+        to.mkdir(parents=True, exist_ok=True)
+        for folder in self.cache.iterdir():
+            if folder.is_dir() and (stages is None or folder.name.split("-")[0] in stages):
+                shutil.copytree(folder, to / folder.name)
+        return to
+
+
+# The shared run's folder: output.txt (what the pipeline printed), then exit_code once it ended.
+SMALL_RUN = "small-pipeline"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_small(request, shared_tmp) -> None:
+    """Start the shared run in the background as soon as this session holds a test that needs
+    it, once whichever pytest-xdist worker comes first: the workers run other tests meanwhile."""
+    if not any("small" in item.fixturenames for item in request.session.items):
+        return
+    folder = shared_tmp / SMALL_RUN
+    with (shared_tmp / f"{SMALL_RUN}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder.exists():
+            return  # another worker started it
+        folder.mkdir()
+        # sh records the exit code after the pipeline's output, so any worker can wait for it.
+        record = '"$@" > "$0/output.txt" 2>&1; echo $? > "$0/.code"; mv "$0/.code" "$0/exit_code"'
+        start_pipeline(folder / "cache", folder, wrap=["sh", "-c", record, str(folder)],
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small(shared_tmp) -> SmallRun:
+    """The cpu pipeline on SMALL, run once per test session in a process of its own."""
+    folder = shared_tmp / SMALL_RUN
+    deadline = time.monotonic() + 900
+    while not (folder / "exit_code").exists():
+        assert time.monotonic() < deadline, f"the shared run in {folder} took over 15 minutes"
+        time.sleep(0.5)
+    output = (folder / "output.txt").read_text()
+    assert (folder / "exit_code").read_text().strip() == "0", output[-3000:]
+    rows = SUMMARY.findall(output)
+    return SmallRun(folder / "cache", {s: float(seconds) for s, _, seconds, _ in rows},
+                    {s: status for s, status, _, _ in rows}, {s: run for s, _, _, run in rows},
+                    output)  # fmt: skip

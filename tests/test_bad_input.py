@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import tempfile
@@ -19,10 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgepc.devices import ingest
+from edgepc.errors import ModelError
 from edgepc.export.bundle import MANIFEST, BundleError, read_manifest
 from edgepc.models import build_model
 from edgepc.pipelines import run
 from edgepc.pipelines.config import ConfigError, PipelineConfig, load_config
+from edgepc.pipelines.stages import load_teacher_weights
 from edgepc.tracking import sync
 from tests.conftest import bundle
 
@@ -43,7 +46,7 @@ class Payload:
 def _files(tmp: Path) -> dict[str, Path]:
     """The hostile and broken files the cases point at."""
     files = {"list.yaml": "- a\n- b\n", "truncated.yaml": "name: cpu\ntarget: [cpu,\n",
-             "random.pt": os.urandom(4096)}  # fmt: skip
+             "random.pt": random.Random(0).randbytes(4096)}  # fmt: skip
     for name, content in files.items():
         path = tmp / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
@@ -227,3 +230,16 @@ def test_fuzzed_manifests_are_read_or_refused_with_a_bundle_error(manifest_text,
         assert "\n" not in message
     else:  # accepted: a JSON edit that kept it valid (the files were checked by digest)
         assert raw == "json"
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=600) | st.binary(max_size=200).map(lambda b: b"\x80\x02" + b))
+def test_fuzzed_teacher_checkpoints_are_refused_in_one_line(payload):
+    """Any bytes as a teacher checkpoint (raw, or behind a pickle header): a ModelError of one
+    line, whatever torch's unpickler raised (random bytes once gave IndexError)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "teacher.pt"
+        path.write_bytes(payload)
+        with pytest.raises(ModelError, match=r"^cannot load teacher checkpoint") as error:
+            load_teacher_weights(build_model("tiny_cnn").model, path)
+    assert "\n" not in str(error.value)

@@ -12,8 +12,7 @@ import pytest
 from edgepc.pipelines.config import load_config
 from edgepc.pipelines.runner import run_pipeline
 from edgepc.tracking import Tracker
-from tests.conftest import mlflow_ui
-from tests.test_pipeline import SMALL
+from tests.conftest import SMALL, mlflow_ui
 
 CHROMIUM = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             "--virtual-time-budget=20000", "--window-size=1600,1400")  # fmt: skip
@@ -26,11 +25,11 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_mlflow_compare_view_shows_both_pipeline_runs(tmp_path, monkeypatch):
+def test_mlflow_compare_view_shows_both_pipeline_runs(tmp_path, monkeypatch, small):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tracker = Tracker(uri)
-    cache = tmp_path / "cache"
+    cache = small.copy(tmp_path / "cache")  # seed 0 is read from it, seed 1 trains
     reports = [
         run_pipeline(load_config("cpu", overrides=[*SMALL, f"seed={seed}"]), cache, tracker,
                      progress=False, echo=lambda _: None)

@@ -1,5 +1,6 @@
 """Faults: a pipeline killed at random points, a full disk, and pipelines that meet each other
-on one cache and store. Each ends with the artifacts of a clean run and nothing lost."""
+on one cache and store. Each ends with the artifacts of a clean run (the session's shared
+:func:`tests.conftest.small` run) and nothing lost."""
 
 import errno
 import hashlib
@@ -19,31 +20,16 @@ import torch
 
 import mlflow
 from edgepc.distill.trainer import atomic_save
-from edgepc.files import DiskFullError, atomic_path
+from edgepc.files import DiskFullError, atomic_path, remove_stale_temporaries
 from edgepc.pipelines.runner import STAGES
-from tests.conftest import start_ui, stop_ui
+from tests.conftest import STARTED, start_pipeline, start_ui, stop_ui
 from tests.test_distributed import TINY
-from tests.test_pipeline import SMALL
 
-STARTED = re.compile(r"^\[(\w+)\] running in ")
 # The files a rerun must reproduce exactly: weights and deployable files (not timings, plots
 # or run ids). Checkpoints written with torch.save differ in their zip's random id, so weights
 # are compared by content.
 UNTIL_DISTILL = ("--until", "distill")
 FINAL = ("teacher.pt", "student.pt", "qat_student.pt", "model.onnx", "testset.npz")
-
-
-def pipeline(
-    cache: Path, store: Path, *extra: str, env: dict | None = None, limit: list[str] = ()
-) -> subprocess.Popen:
-    """The cpu pipeline on SMALL as a user starts it, one thread (the same arithmetic in every
-    run), its output line by line."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", **(env or {})}  # fmt: skip
-    command = [*limit, sys.executable, "-m", "edgepc.pipelines.run", "cpu", "--cache",
-               str(cache), "--no-progress", *SMALL, *extra]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)  # fmt: skip
 
 
 def digest(path: Path) -> str:
@@ -75,34 +61,27 @@ def leftovers(cache: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    """One uninterrupted run: its final files and how long each stage took."""
-    root = tmp_path_factory.mktemp("clean")
-    run = pipeline(root / "cache", root)
-    starts: dict[str, float] = {}
-    for line in run.stdout:
-        if m := STARTED.match(line):
-            starts[m[1]] = time.monotonic()
-    assert run.wait() == 0
-    ends = [*list(starts.values())[1:], time.monotonic()]
-    durations = {s: end - start for (s, start), end in zip(starts.items(), ends, strict=True)}
-    assert list(durations) == [s.name for s in STAGES]
-    return finals(root / "cache"), durations
+def clean(small):
+    """The uninterrupted run: its final files and how long each stage took."""
+    assert list(small.durations) == [s.name for s in STAGES]
+    return finals(small.cache), small.durations
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "seed", [0, *(pytest.param(s, marks=pytest.mark.exhaustive) for s in (1, 2))]
+)
 def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, seed):
     """SIGKILL once inside each stage in turn, at a random moment of it; every rerun resumes.
     The last rerun finishes with the clean run's weights and files, and no temporary file or
-    RUNNING MLflow run is left."""
+    RUNNING MLflow run is left. Seeds 1 and 2 (other moments) run with ``-m exhaustive``."""
     expected, durations = clean
     rng = random.Random(seed)
     cache, killed = tmp_path / "cache", []
     for stage in durations:
         delay = rng.uniform(0, 0.8 * durations[stage])
         while True:
-            run = pipeline(cache, tmp_path)
+            run = start_pipeline(cache, tmp_path)
             read_until(run, stage)
             time.sleep(delay)
             run.send_signal(signal.SIGKILL)
@@ -112,7 +91,7 @@ def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, se
             delay /= 4  # the last stage ended sooner than in the clean run: kill it sooner
         later = [m[1] for line in run.stdout if (m := STARTED.match(line))]
         killed.append(later[-1] if later else stage)  # where the kill landed
-    finish = pipeline(cache, tmp_path)
+    finish = start_pipeline(cache, tmp_path)
     out = finish.communicate(timeout=900)[0]
     assert finish.returncode == 0, out[-3000:]
     order = list(durations)
@@ -156,14 +135,16 @@ def stage_runs(store: str) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_mlflow_server_killed_mid_run_training_goes_on_and_sync_replays(tmp_path, clean):
-    """tracking.on_error=spool (the default): the server dies while distill trains; the
-    pipeline finishes with the clean run's files, spooling its runs; once a server is back,
-    sync replays them: every stage run FINISHED with its metrics, artifacts and registry."""
+def test_mlflow_server_killed_mid_run_training_goes_on_and_sync_replays(tmp_path, small, clean):
+    """tracking.on_error=spool (the default): the server dies while distill trains (data and
+    teacher come from the clean run's cache); the pipeline finishes with the clean run's files,
+    spooling its runs; once a server is back, sync replays them: every stage run FINISHED with
+    its metrics, artifacts and registry."""
     store, spool = f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "spool"
     ui, address = start_ui(store)
     env = {"MLFLOW_TRACKING_URI": address, "EDGEPC_SPOOL": str(spool)}
-    run = pipeline(tmp_path / "cache", tmp_path, env=env)
+    cache = small.copy(tmp_path / "cache", ("data", "teacher"))
+    run = start_pipeline(cache, tmp_path, env=env)
     out = read_until(run, "distill")
     stop_ui(ui, signal.SIGKILL)
     out += run.communicate(timeout=900)[0]
@@ -208,9 +189,9 @@ def test_mlflow_server_killed_with_stop_ends_in_one_line_then_resumes(tmp_path, 
     store, spool = f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "spool"
     ui, address = start_ui(store)
     env = {"MLFLOW_TRACKING_URI": address, "EDGEPC_SPOOL": str(spool)}
+    stop = (*UNTIL_DISTILL, "tracking.on_error=stop")
     try:
-        run = pipeline(tmp_path / "cache", tmp_path, *UNTIL_DISTILL, "tracking.on_error=stop",
-                       env=env)  # fmt: skip
+        run = start_pipeline(tmp_path / "cache", tmp_path, *stop, env=env)
         out = read_until(run, "teacher")
         os.killpg(ui.pid, signal.SIGKILL)
         out += run.communicate(timeout=900)[0]
@@ -226,8 +207,7 @@ def test_mlflow_server_killed_with_stop_ends_in_one_line_then_resumes(tmp_path, 
         env["MLFLOW_TRACKING_URI"] = address
         sync = sync_to(address, env)
         assert sync.returncode == 0, sync.stderr[-3000:]
-        again = pipeline(tmp_path / "cache", tmp_path, *UNTIL_DISTILL, "tracking.on_error=stop",
-                         env=env)  # fmt: skip
+        again = start_pipeline(tmp_path / "cache", tmp_path, *stop, env=env)
         out = again.communicate(timeout=900)[0]
         assert again.returncode == 0, out[-3000:]
     finally:
@@ -266,6 +246,21 @@ def test_disk_full_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["training.pt"]
 
 
+def test_a_killed_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path):
+    """kill -9 runs no cleanup: the temporary file of a dead writer stays until the work
+    resumes; one of a live writer (this process) is not touched."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / "bundle" / f".model.onnx.{gone.pid}.tmp.onnx"
+    dead.parent.mkdir()
+    dead.write_bytes(b"half")
+    live = tmp_path / f".splits.pt.{os.getpid()}.tmp.pt"
+    live.write_bytes(b"being written")
+    (tmp_path / ".lock").write_text("")
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [".lock", live.name, "bundle"]
+
+
 @pytest.mark.slow
 def test_disk_full_in_a_real_pipeline_then_rerun(tmp_path, clean):
     """The pipeline process may write no file over 2 MB (prlimit's RLIMIT_FSIZE: the kernel
@@ -273,7 +268,7 @@ def test_disk_full_in_a_real_pipeline_then_rerun(tmp_path, clean):
     the teacher's 2.7 MB outputs fail. One line, exit 2, nothing half-written; the rerun with
     space resumes and ends with the clean run's weights."""
     cache = tmp_path / "cache"
-    run = pipeline(cache, tmp_path, *UNTIL_DISTILL, limit=["prlimit", "--fsize=2000000"])
+    run = start_pipeline(cache, tmp_path, *UNTIL_DISTILL, limit=["prlimit", "--fsize=2000000"])
     out = run.communicate(timeout=900)[0]
     assert run.returncode == 2, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -285,7 +280,7 @@ def test_disk_full_in_a_real_pipeline_then_rerun(tmp_path, clean):
     teacher = next(cache.glob("teacher-*"))
     assert not (teacher / "result.json").exists()
     assert not (teacher / "teacher_outputs.pt").exists()
-    again = pipeline(cache, tmp_path, *UNTIL_DISTILL)
+    again = start_pipeline(cache, tmp_path, *UNTIL_DISTILL)
     out = again.communicate(timeout=900)[0]
     assert again.returncode == 0, out[-3000:]
     assert re.search(r"^data\s+cached", out, re.M)

@@ -15,29 +15,7 @@ from edgepc.pipelines.config import ConfigError, load_config, parse_override
 from edgepc.pipelines.run import main
 from edgepc.pipelines.runner import STAGES, run_pipeline
 from edgepc.tracking import Tracker
-from tests.conftest import mlflow_ui
-
-SMALL = [
-    "data.train_limit=300",
-    "data.calibration_size=64",
-    "teacher.model=tiny_cnn",
-    "teacher.train={epochs: 4, batch_size: 32, lr: 0.003, augment: false}",
-    "distill.student=tiny_cnn",
-    "distill.train.epochs=2",
-    "distill.train.batch_size=64",
-    "distill.pc_eval_limit=300",
-    "qat.train={epochs: 1, batch_size: 64, lr: 0.0003, alpha: 1.0, beta: 1.0, gamma: 1.0}",
-    "qat.train_limit=200",
-    "qat.pc_eval_limit=300",
-    "qat.plain_qat=false",
-    "export.ptq=false",
-    "export.parity_size=300",
-    "export.pc_eval_limit=300",
-    "validation.latency={warmup: 2, iterations: 20, threads: [1]}",
-    # Students trained on 300 images are not deployable: int8 may lose a few points of a low
-    # top-1. The gate itself is tested in test_export.py.
-    "validation.max_drop=10",
-]
+from tests.conftest import SMALL, mlflow_ui
 
 
 @pytest.fixture
@@ -94,47 +72,52 @@ def test_override_values_are_yaml():
     assert parse_override("a=null") == ("a", None)
 
 
-def test_cache_hit_miss_and_invalidation(tmp_path, store):
+def test_cache_hit_miss_and_invalidation(tmp_path, store, small):
+    assert list(small.statuses) == [stage.name for stage in STAGES]
+    assert list(small.statuses.values()) == ["ran"] * 7  # the shared run computed every stage
     config = load_config("cpu", overrides=SMALL)
-    first = run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.stage for s in first.stages] == [stage.name for stage in STAGES]
-    assert [s.status for s in first.stages] == ["ran"] * 7
+    cache = small.copy(tmp_path / "cache")
+    first = run_pipeline(config, cache, store, progress=False, echo=lambda _: None)
+    assert [s.status for s in first.stages] == ["cached"] * 6 + ["ran"]  # register: every run
     assert first.stages[1].metrics["test_top1"] > 0.3
     assert 0.5 < first.stages[2].metrics["test_pc_triplet_agreement"] <= 1.0
-    again = run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in again.stages] == ["cached"] * 6 + ["ran"]  # register: every run
-    assert again.stages[2].metrics == first.stages[2].metrics
+    assert first.stages[2].metrics == small.result("distill")["metrics"]  # as it computed them
     changed = load_config("cpu", overrides=[*SMALL, "distill.train.lr=0.002"])
-    third = run_pipeline(changed, tmp_path / "cache", store, progress=False, echo=lambda _: None)
+    third = run_pipeline(changed, cache, store, progress=False, echo=lambda _: None)
     assert [s.status for s in third.stages] == ["cached", "cached"] + ["ran"] * 5
     seeded = load_config("cpu", overrides=[*SMALL, "seed=1"])  # the seed reaches every stage
     fourth = run_pipeline(
-        seeded, tmp_path / "cache", store, progress=False, echo=lambda _: None, until="distill"
+        seeded, cache, store, progress=False, echo=lambda _: None, until="distill"
     )
     assert [s.status for s in fourth.stages] == ["ran"] * 3
-    # Another target shares data, teacher and student, and quantizes them its own way.
-    jetson = load_config("jetson", overrides=SMALL)
-    fifth = run_pipeline(jetson, tmp_path / "cache", store, progress=False, echo=lambda _: None)
-    assert [s.status for s in fifth.stages] == ["cached"] * 3 + ["ran"] * 4
-    qat = fifth.stages[3].metrics
-    assert qat["fp32_test_top1"] == first.stages[2].metrics["test_top1"]
-    assert abs(qat["qat_test_top1"] - qat["fp32_test_top1"]) < 0.05
-    assert qat["qat_test_pc_triplet_agreement_fp32"] > 0.9
-    # MLflow holds a parent and seven children per invocation, with the stage's metrics.
+    # MLflow holds a parent and a child per stage for each invocation, with the stage's metrics.
     runs = store.client.search_runs([store.experiment_id], max_results=100)
-    assert len(runs) == 4 * 8 + 4
+    assert len(runs) == 2 * 8 + 4
     distill = [r for r in runs if r.data.tags.get("edgepc.stage") == "distill"]
     assert {r.data.tags["edgepc.status"] for r in distill} == {"ran", "cached"}
     assert all("test_knn_top1" in r.data.metrics for r in distill)
     assert all(len(r.data.tags["edgepc.dataset_fingerprint"]) == 64 for r in distill)
 
 
-def test_export_validate_register_end_to_end(tmp_path, store):
+def test_another_target_shares_data_teacher_and_student(tmp_path, store, small):
+    """jetson on the cpu run's cache: data, teacher and student are read back, and it
+    quantizes them its own way."""
+    jetson = load_config("jetson", overrides=SMALL)
+    cache = small.copy(tmp_path / "cache")
+    fifth = run_pipeline(jetson, cache, store, progress=False, echo=lambda _: None)
+    assert [s.status for s in fifth.stages] == ["cached"] * 3 + ["ran"] * 4
+    qat = fifth.stages[3].metrics
+    assert qat["fp32_test_top1"] == small.result("distill")["metrics"]["test_top1"]
+    assert abs(qat["qat_test_top1"] - qat["fp32_test_top1"]) < 0.05
+    assert qat["qat_test_pc_triplet_agreement_fp32"] > 0.9
+
+
+def test_export_validate_register_end_to_end(tmp_path, store, small):
     """Bundles that run in onnxruntime as in PyTorch, their runtime scores, and registry
     aliases that a rerun moves without piling up versions."""
     from edgepc.export.bundle import read_manifest
 
-    cache = tmp_path / "cache"
+    cache = small.copy(tmp_path / "cache")
     config = load_config("cpu", overrides=SMALL)
     first = run_pipeline(config, cache, store, progress=False, echo=lambda _: None)
     export, validate, register = first.stages[4:]
@@ -157,7 +140,7 @@ def test_export_validate_register_end_to_end(tmp_path, store):
     local = Path(mlflow.artifacts.download_artifacts("models:/edgepc-cpu@cpu-int8"))
     manifest = read_manifest(local)  # the registered copy is a complete, verified bundle
     assert manifest.name == "cpu-int8"
-    assert manifest.mlflow_run_id == export.run_id
+    assert manifest.mlflow_run_id == small.run_ids["export"]  # the run that exported it
     # Same files again: the aliases stay on the same versions.
     again = run_pipeline(config, cache, store, progress=False, echo=lambda _: None)
     assert again.stages[6].metrics == register.metrics
@@ -178,31 +161,32 @@ def test_cli_reports_config_errors_in_one_line(capsys):
 
 
 @pytest.mark.slow
-def test_kill_during_distill_then_resume(tmp_path, store):
-    """SIGKILL mid-distill; the rerun resumes from the epoch checkpoint and MLflow shows the
-    killed stage as FAILED."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "EDGEPC_CACHE": str(tmp_path / "c")}
-    overrides = [*SMALL, "distill.train.epochs=40", "data.train_limit=600"]
+def test_kill_during_distill_then_resume(tmp_path, store, small):
+    """SIGKILL mid-distill (data and teacher from the shared run's cache); the rerun resumes
+    from the epoch checkpoint and MLflow shows the killed stage as FAILED."""
+    epochs = 12
+    cache = small.copy(tmp_path / "c", ("data", "teacher"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "EDGEPC_CACHE": str(cache)}
+    overrides = [*SMALL, f"distill.train.epochs={epochs}"]
     command = [sys.executable, "-m", "edgepc.pipelines.run", "cpu", "--no-progress",
                "--until", "distill", *overrides]  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     checkpoint = None
     deadline = time.time() + 300
-    while time.time() < deadline and checkpoint is None:
-        found = list((tmp_path / "c").glob("distill-*/training.pt"))
+    while time.time() < deadline and checkpoint is None and proc.poll() is None:
+        found = list(cache.glob("distill-*/training.pt"))
         checkpoint = found[0] if found else None
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert checkpoint is not None, proc.communicate()[0].decode()[-2000:]
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # at the first checkpoint: most epochs are still to come
     proc.wait()
     done_before = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 1 <= done_before < 40
+    assert 1 <= done_before < epochs
     # The rerun sees the checkpoint and trains only the epochs that are left.
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "marked 2 run(s) of a killed earlier invocation as FAILED" in out.stdout
-    assert torch.load(checkpoint, weights_only=True)["epoch"] == 40
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == epochs
     tracker = Tracker(store.uri)
     runs = tracker.client.search_runs([tracker.experiment_id], max_results=50)
     killed = [r for r in runs if r.data.tags.get("edgepc.status") == "killed"]
@@ -213,7 +197,7 @@ def test_kill_during_distill_then_resume(tmp_path, store):
              and r.info.status == "FINISHED").info.run_id,
         "loss",
     )  # fmt: skip
-    assert {m.step for m in history} == set(range(done_before + 1, 41))
+    assert {m.step for m in history} == set(range(done_before + 1, epochs + 1))
     assert Path(checkpoint).exists()
 
 

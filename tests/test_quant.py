@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from edgepc.coherence import perception_coherence_loss
-from edgepc.data import channel_stats, load_dataset, make_splits
 from edgepc.distill.evaluate import predict, top1
-from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TrainConfig, train
 from edgepc.errors import QuantError, TrainingError
 from edgepc.export.tensorrt import check_onnx
@@ -24,26 +22,14 @@ QUANT_OPS = "quantized_decomposed"
 
 
 @pytest.fixture(scope="module")
-def data():
-    d = load_dataset("fashion-mnist", download=False)
-    s = make_splits(d.train_labels, train_limit=1000, seed=0)
-    x, y = d.train_images[s.train], d.train_labels[s.train]
-    norm = Normalisation(*map(tuple, channel_stats(x)))
-    return x, y, d.test_images[:500], d.test_labels[:500], norm
+def data(tiny):
+    return tiny.x, tiny.y, tiny.test_x, tiny.test_y, tiny.norm
 
 
 @pytest.fixture(scope="module")
-def models(data):
-    """A tiny teacher and a student distilled from it (class-aware), both trained here."""
-    x, y, _, _, norm = data
-    torch.manual_seed(0)
-    teacher = build_model("tiny_cnn")
-    train(teacher, x, y, norm, TrainConfig(epochs=4, lr=3e-3), CPU, progress=False)
-    torch.manual_seed(1)
-    student = build_model("tiny_cnn")
-    config = TrainConfig(epochs=4, lr=3e-3, beta=1.0)
-    train(student, x, y, norm, config, CPU, teacher=teacher, progress=False)
-    return teacher, student
+def models(tiny):
+    """A tiny teacher and a student distilled from it (class-aware)."""
+    return tiny.teacher, tiny.student
 
 
 def split(model_pair, images, labels, norm):
@@ -237,3 +223,31 @@ def test_memoised_patterns_give_the_graph_torchao_traces(data, models, monkeypat
     assert fresh.code == again.code
     a, b = fresh(norm.apply(tx[:64])), again(norm.apply(tx[:64]))
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_train_and_eval_of_a_quant_model_trace_their_patterns_once(data, models, monkeypatch):
+    """QuantModel.train()/eval() rewrite the exported graph's dropout and batch-norm patterns:
+    traced on the first switch, kept after, and the switched graph computes the same."""
+    from torchao.quantization.pt2e import qat_utils, utils
+
+    from edgepc.quant import model as quant_model
+
+    x, _, tx, _, norm = data
+    real, traced = utils._get_aten_graph_module_for_pattern, []
+
+    def counting(*args, **kwargs):
+        traced.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quant_model, "_PATTERNS", {})
+    monkeypatch.setattr(utils, "_get_aten_graph_module_for_pattern", counting)
+    monkeypatch.setattr(qat_utils, "_get_aten_graph_module_for_pattern", counting)
+    model = prepare(models[1], "cpu", norm.apply(x[:8]))  # QAT: in train mode
+    images = norm.apply(tx[:64])
+    first = model.eval()(images)
+    cold = len(traced)
+    assert cold > 0
+    model.train()
+    again = model.eval()(images)
+    assert len(traced) == cold  # the second switch traced nothing
+    assert all(torch.equal(u, v) for u, v in zip(first, again, strict=True))

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from edgepc.data import channel_stats, load_dataset, make_splits
 from edgepc.distill.evaluate import evaluate_embeddings, knn_top1, predict, top1
 from edgepc.distill.images import Normalisation, augment
 from edgepc.distill.trainer import TrainConfig, atomic_save, load_checkpoint, train
@@ -14,22 +13,13 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def subset():
-    d = load_dataset("fashion-mnist", download=False)
-    s = make_splits(d.train_labels, train_limit=1500, seed=0)
-    x, y = d.train_images[s.train], d.train_labels[s.train]
-    val = s.val[:600]
-    norm = Normalisation(*map(tuple, channel_stats(x)))
-    return x, y, d.train_images[val], d.train_labels[val], norm
+def subset(tiny):
+    return tiny.x, tiny.y, tiny.val_x, tiny.val_y, tiny.norm
 
 
 @pytest.fixture(scope="module")
-def teacher(subset):
-    x, y, _, _, norm = subset
-    torch.manual_seed(0)
-    model = build_model("tiny_cnn")
-    train(model, x, y, norm, TrainConfig(epochs=4, lr=3e-3), CPU, progress=False)
-    return model
+def teacher(tiny):
+    return tiny.teacher
 
 
 def scores(model, subset, teacher_model=None):

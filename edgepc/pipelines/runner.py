@@ -23,7 +23,7 @@ from edgepc import __version__
 from edgepc.data.datasets import data_home
 from edgepc.distill.distributed import barrier, broadcast, local_device, rank
 from edgepc.errors import EdgepcError
-from edgepc.files import write_text
+from edgepc.files import remove_stale_temporaries, write_text
 from edgepc.hardware import describe, pick_device
 from edgepc.pipelines.config import PipelineConfig
 from edgepc.pipelines.deploy import export_stage, register_stage, validate_stage
@@ -166,6 +166,7 @@ def run_pipeline(
             with tracker.run(stage.name, {**stage_tags, "edgepc.status": status}, params) as rid:
                 if result is None:
                     workdir.mkdir(parents=True, exist_ok=True)
+                    remove_stale_temporaries(workdir)  # of a run killed in this stage
                     log = lambda m, step: tracker.log_metrics(m, step)  # noqa: E731
                     ctx = StageContext(workdir, device, log, progress, rid, tracker)
                     upstream = {u: done[u] for u in stage.upstream}

@@ -7,7 +7,6 @@ Stages write their files into ``context.workdir`` and report metrics through
 from __future__ import annotations
 
 import json
-import pickle
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,6 +155,19 @@ def _fit(
     return history
 
 
+def load_teacher_weights(model: torch.nn.Module, path: Path) -> None:
+    """The state dict in ``path`` into ``model``; a one-line :class:`ModelError` for a file that
+    is missing, damaged, hostile or of another model."""
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as error:  # torch raises many types for a damaged file
+        first = (str(error).splitlines() or [""])[0]
+        raise ModelError(
+            f"cannot load teacher checkpoint {path} ({type(error).__name__}: {first}): give a "
+            "state dict saved with torch.save(model.state_dict()) for teacher.model"
+        ) from None
+
+
 def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
     data_dir, data = upstream["data"]
     prepared = prepare_data(config, data, data_dir)
@@ -164,15 +176,7 @@ def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
     teacher = _build(section.model, data)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
     if section.checkpoint:
-        try:
-            state = torch.load(section.checkpoint, map_location="cpu", weights_only=True)
-            teacher.model.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:
-            raise ModelError(
-                f"cannot load teacher checkpoint {section.checkpoint} "
-                f"({type(error).__name__}: {str(error).splitlines()[0]}): give a state dict "
-                "saved with torch.save(model.state_dict()) for teacher.model"
-            ) from None
+        load_teacher_weights(teacher.model, Path(section.checkpoint))
     else:
         _fit(teacher, prepared, section.train, config.seed, ctx, f"teacher {section.model}")
     atomic_save(teacher.model.state_dict(), ctx.workdir / "teacher.pt")

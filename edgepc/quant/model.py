@@ -54,7 +54,8 @@ class QuantModel(nn.Module):
 
         self.training = mode
         if self.qat:
-            (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph)
+            with _memoised_patterns():
+                (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph)
             observe = mode and not self.observers_frozen
             self.graph.apply(enable_observer if observe else disable_observer)
         return self
@@ -130,23 +131,25 @@ def convert(model: QuantModel) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     graph = copy.deepcopy(model.graph).cpu()
-    move_exported_model_to_eval(graph)
     with warnings.catch_warnings(), _memoised_patterns():
         warnings.simplefilter("ignore")
+        move_exported_model_to_eval(graph)
         return convert_pt2e(graph, fold_quantize=False)
 
 
-# torchao traces each conv-bn pattern it rewrites with torch.export, about 100 times per
-# prepare or convert (0.5 s each on a CPU): the same graphs every time, since a pattern depends
-# only on its flags and the shapes of its example inputs. They are kept for the process.
+# torchao traces each pattern it rewrites with torch.export: about 100 conv-bn patterns per
+# prepare or convert, and 6 dropout and batch-norm patterns at every train()/eval() of an
+# exported model (0.2 to 0.5 s each on a CPU). They are the same graphs every time, since a
+# pattern depends only on its flags and the shapes of its example inputs: they are kept for the
+# process. qat_utils binds the tracer at import; export_utils imports it from utils at each call.
 _PATTERNS: dict[tuple, torch.fx.GraphModule] = {}
 
 
 @contextlib.contextmanager
 def _memoised_patterns() -> Iterator[None]:
-    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e import qat_utils, utils
 
-    trace = qat_utils._get_aten_graph_module_for_pattern
+    trace = utils._get_aten_graph_module_for_pattern
 
     def memoised(pattern: Callable, example_inputs: tuple, is_cuda: bool = False, **kwargs: Any):
         key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
@@ -157,10 +160,12 @@ def _memoised_patterns() -> Iterator[None]:
         return copy.deepcopy(_PATTERNS[key])
 
     qat_utils._get_aten_graph_module_for_pattern = memoised
+    utils._get_aten_graph_module_for_pattern = memoised
     try:
         yield
     finally:
         qat_utils._get_aten_graph_module_for_pattern = trace
+        utils._get_aten_graph_module_for_pattern = trace
 
 
 def _pattern_key(pattern: Callable, inputs: tuple, is_cuda: bool, kwargs: dict) -> tuple | None:

@@ -1,0 +1,109 @@
+"""Every script in benchmarks/ runs to its table at tiny sizes (the comparison study's smoke run
+is in test_study.py), so none can break silently."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def script(name: str):
+    """benchmarks/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_loss_cost_measures_the_chosen_points(tmp_path):
+    # A process of its own, as a user runs it: the memory probe spawns the script's module.
+    points = ["--sizes", "16", "--losses", "pc", "rkd_angle", "--repeats", "1"]
+    command = [sys.executable, str(BENCHMARKS / "loss_cost.py"), "--device", "cpu", *points,
+               "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "loss_cost_custom.json").read_text())
+    assert [(p["loss"], p["batch"]) for p in report["points"]] == [("pc", 16), ("rkd_angle", 16)]
+    assert all(p["seconds"] > 0 and p["peak_mib"] >= 0 for p in report["points"])
+    table = (tmp_path / "loss_cost_custom.md").read_text()
+    assert re.search(r"^\| pc \| [\d.]+ ms / \d+ MiB \|$", table, re.M), table
+
+
+@pytest.mark.slow
+def test_qat_weights_runs_its_grid_to_the_table(tmp_path, small, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cache = small.copy(tmp_path / "cache", ("data", "teacher", "distill"))
+    args = [*SMALL, "--target", "cpu", "--cache", str(cache), "--out", str(tmp_path), "--grid",
+            "0,0", "1,1"]  # fmt: skip
+    assert script("qat_weights").main(args) == 0
+    record = json.loads((tmp_path / "qat_weights-cpu-default.json").read_text())
+    assert [(r["beta"], r["gamma"]) for r in record["rows"]] == [(0.0, 0.0), (1.0, 1.0)]
+    for row in record["rows"]:
+        assert 0 < row["val_top1"] <= 1
+        assert 0.5 < row["val_pc_triplet_agreement_fp32"] <= 1
+    assert record["pick"] in record["rows"]
+    table = (tmp_path / "qat_weights-cpu-default.md").read_text()
+    assert len(re.findall(r"^\| [01]\.0 \| [01]\.0 \| 0\.\d{4} \|", table, re.M)) == 2
+    # The pipeline stopped after qat: no export, validate or register ran.
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir() if p.is_dir()) == [
+        "data", "distill", "qat", "qat", "teacher"
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_runtime_latency_times_the_bundles_of_an_export(tmp_path, small):
+    (export,) = small.cache.glob("export-*")
+    args = [str(export), "--threads", "1", "--rounds", "2", "--warmup", "1", "--iterations",
+            "5", "--out", str(tmp_path), "--tag", "smoke"]  # fmt: skip
+    assert script("runtime_latency").main(args) == 0
+    report = json.loads((tmp_path / "runtime_latency-smoke.json").read_text())
+    assert set(report["results"]) == {"cpu-fp32", "cpu-int8"}
+    for row in report["results"].values():
+        assert len(row["rounds"]["1t"]) == 2
+        assert 0 < row["p50_ms_1t"] <= row["p99_ms_1t"]
+    (ratio,) = report["ratios"]
+    assert ratio["int8"] == "cpu-int8"
+    assert ratio["size_ratio"] > 2  # int8 weights: a quarter of the bytes, plus the graph
+    assert ratio["speedup_1t"] > 0
+    assert "| cpu-int8 |" in (tmp_path / "runtime_latency-smoke.md").read_text()
+
+
+@pytest.mark.slow
+def test_full_profile_runs_its_students_at_tiny_sizes(tmp_path):
+    tiny = ["data.train_limit=300", "teacher.model=tiny_cnn",
+            "teacher.train={epochs: 1, batch_size: 64, lr: 0.003, augment: true}",
+            "distill.student=tiny_cnn", "distill.train.epochs=1", "distill.train.batch_size=64",
+            "distill.pc_eval_limit=200"]  # fmt: skip
+    args = ["--work", str(tmp_path / "work"), "--out", str(tmp_path), *tiny]
+    assert script("full_profile").main(args) == 0
+    report = json.loads((tmp_path / "full_profile.json").read_text())
+    assert 0 < report["teacher"]["metrics"]["test_top1"] <= 1
+    assert list(report["students"]) == list(script("full_profile").VARIANTS)
+    for row in report["students"].values():
+        assert 0 < row["metrics"]["test_top1"] <= 1
+        assert 0.5 < row["metrics"]["test_pc_triplet_agreement"] <= 1
+    table = (tmp_path / "full_profile.md").read_text()
+    assert len(re.findall(r"^\| (pc|scratch)", table, re.M)) == 3
+
+
+def test_gpu_check_is_valid_bash_naming_files_that_exist():
+    """benchmarks/gpu_check.sh runs only on a GPU machine; here: its syntax, and every script
+    and test file it names is in the repository."""
+    path = BENCHMARKS / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    named = re.findall(r"\b((?:benchmarks|tests)/\w+\.py)\b", path.read_text())
+    assert len(named) >= 3
+    root = BENCHMARKS.parent
+    assert [n for n in named if not (root / n).is_file()] == []
+    modules = re.findall(r"python3 -m (edgepc[\w.]+)", path.read_text())
+    assert modules
+    assert all(importlib.util.find_spec(m) is not None for m in modules)
