@@ -62,10 +62,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Slow tests first (pytest-xdist's work stealing then ends the session on short ones), and
-    first among them those that do not wait for the shared run (see :func:`small`)."""
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
-                                 "small" in item.fixturenames))  # fmt: skip
+    """Slow tests that do not need the shared run (:func:`small`) first, the tests that need it
+    last: pytest-xdist gives each worker one half, so one starts on the slow tests while the
+    other runs short ones as the shared run is made, then steals from the first."""
+    items.sort(key=lambda item: 2 if "small" in item.fixturenames
+               else 0 if item.get_closest_marker("slow") else 1)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -168,11 +169,10 @@ def setup(tiny, tmp_path_factory):
     set file with 300 real test images."""
     int8 = {t: convert(ptq(tiny.student, t, tiny.x[:256], tiny.norm)) for t in ("cpu", "jetson")}
     int8["mobile"] = int8["cpu"]
-    d = load_dataset("fashion-mnist", download=False)
     folder = tmp_path_factory.mktemp("testset")
     teacher = torch.randn(300, 16).numpy()  # any reference embeddings of the first images
-    testset = write_testset(folder / TESTSET, d.test_images[:300].numpy(),
-                            d.test_labels[:300].numpy(), teacher)  # fmt: skip
+    testset = write_testset(folder / TESTSET, tiny.test_x[:300].numpy(),
+                            tiny.test_y[:300].numpy(), teacher)  # fmt: skip
     spec = Normalise(mean=list(tiny.norm.mean), std=list(tiny.norm.std))
     return tiny.student, int8, testset, spec, tiny.classes
 

@@ -77,9 +77,12 @@ def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, se
     RUNNING MLflow run is left. Seeds 1 and 2 (other moments) run with ``-m exhaustive``."""
     expected, durations = clean
     rng = random.Random(seed)
-    cache, killed = tmp_path / "cache", []
-    for stage in durations:
-        delay = rng.uniform(0, 0.8 * durations[stage])
+    order = list(durations)
+    cache, killed = tmp_path / "cache", []  # (stage aimed at, stage the kill landed in)
+    for stage in order:
+        if killed and order.index(stage) < order.index(killed[-1][1]):
+            continue  # the last kill landed past this stage (this run was faster): it is cached
+        delay = rng.uniform(0, 0.5 * durations[stage])  # of the stage as the clean run took it
         while True:
             run = start_pipeline(cache, tmp_path)
             read_until(run, stage)
@@ -90,12 +93,12 @@ def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, se
             assert stage == "register", f"the run ended in {stage}, a cached stage"
             delay /= 4  # the last stage ended sooner than in the clean run: kill it sooner
         later = [m[1] for line in run.stdout if (m := STARTED.match(line))]
-        killed.append(later[-1] if later else stage)  # where the kill landed
+        killed.append((stage, later[-1] if later else stage))
     finish = start_pipeline(cache, tmp_path)
     out = finish.communicate(timeout=900)[0]
     assert finish.returncode == 0, out[-3000:]
-    order = list(durations)
-    assert all(order.index(k) >= order.index(s) for k, s in zip(killed, order, strict=True))
+    assert all(order.index(landed) >= order.index(aim) for aim, landed in killed)
+    assert len({landed for _, landed in killed}) >= len(order) - 2  # nearly every stage hit
     assert finals(cache) == expected
     assert leftovers(cache) == []
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -105,7 +108,7 @@ def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, se
     # ended its parent run just before the kill.
     parents = client.search_runs(ids, "tags.`edgepc.kind` = 'pipeline'")
     dead = [r for r in parents if r.data.tags.get("edgepc.status") == "killed"]
-    assert len(dead) >= len(durations) - 1
+    assert len(dead) >= len(killed) - 1
     assert all(r.info.status == "FAILED" for r in dead)
 
 
