@@ -8,7 +8,7 @@
 #   pip download mlflow==3.17.2 pydantic torchao==0.18.0 --python-version 3.12 \
 #     --only-binary=:all: --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .gpu/whl
 #   then delete from .gpu/whl mlflow-3.17.2 (mlflow-skinny is enough: no UI) and every wheel the
-#   image already holds (../.library/device/KINDS.md lists them): about 25 MB stay.
+#   image already holds (`pip list` on the GPU machine shows them): about 25 MB stay.
 #   mkdir -p .gpu/data && cp -r /usr/share/datasets/fashion-mnist .gpu/data/
 set -u
 G=/tmp/gpu-check; mkdir -p "$G"

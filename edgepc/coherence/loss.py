@@ -6,7 +6,7 @@
 
 R_T is the teacher's hard rank (mid-rank ties) or its soft rank with the same τ, never with
 gradient. The normalisation, the logistic relaxation and ρ are edgepc's own formulation of
-the paper's idea (see shared/design/perception-coherence.md), not the paper's verbatim loss.
+the paper's idea (README, "The formulation"), not the paper's verbatim loss.
 """
 
 from __future__ import annotations
