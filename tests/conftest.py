@@ -1,4 +1,5 @@
 import fcntl
+import importlib.util
 import json
 import os
 import re
@@ -50,7 +51,6 @@ SMALL = [
     # top-1. The gate itself is tested in test_export.py.
     "validation.max_drop=10",
 ]
-STARTED = re.compile(r"^\[(\w+)\] running in ")
 # A row of the summary table: stage, status, seconds, key metrics, MLflow run.
 SUMMARY = re.compile(r"^(\w+) +(ran|cached) +([\d.]+) .*?([0-9a-f]{32}) *$", re.M)
 
@@ -186,6 +186,16 @@ def bundle(tmp_path, setup, target, source):
                         spec, list(classes))  # fmt: skip
 
 
+def benchmark_script(name: str):
+    """benchmarks/<name>.py as a module (registered, so that its dataclasses resolve)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def shared_tmp(tmp_path_factory, worker_id) -> Path:
     """A temporary folder that every worker of this test session sees."""
@@ -220,7 +230,6 @@ class SmallRun:
     durations: dict[str, float]  # seconds it took
     statuses: dict[str, str]  # ran | cached
     run_ids: dict[str, str]  # its MLflow run
-    output: str
 
     def result(self, stage: str) -> dict:
         """The ``result.json`` of ``stage``: its metrics, files and facts."""
@@ -270,5 +279,5 @@ def small(shared_tmp) -> SmallRun:
     assert (folder / "exit_code").read_text().strip() == "0", output[-3000:]
     rows = SUMMARY.findall(output)
     return SmallRun(folder / "cache", {s: float(seconds) for s, _, seconds, _ in rows},
-                    {s: status for s, status, _, _ in rows}, {s: run for s, _, _, run in rows},
-                    output)  # fmt: skip
+                    {s: status for s, status, _, _ in rows},
+                    {s: run for s, _, _, run in rows})  # fmt: skip

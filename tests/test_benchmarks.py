@@ -11,16 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMALL
+from tests.conftest import benchmark_script as script
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def script(name: str):
-    """benchmarks/<name>.py as a module."""
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow

@@ -22,8 +22,10 @@ import mlflow
 from edgepc.distill.trainer import atomic_save
 from edgepc.files import DiskFullError, atomic_path, remove_stale_temporaries
 from edgepc.pipelines.runner import STAGES
-from tests.conftest import STARTED, start_pipeline, start_ui, stop_ui
+from tests.conftest import start_pipeline, start_ui, stop_ui
 from tests.test_distributed import TINY
+
+STARTED = re.compile(r"^\[(\w+)\] running in ")
 
 # The files a rerun must reproduce exactly: weights and deployable files (not timings, plots
 # or run ids). Checkpoints written with torch.save differ in their zip's random id, so weights

@@ -1,25 +1,17 @@
 """The comparison study (benchmarks/compare_losses.py): its protocol, its bookkeeping, and a
 smoke run end to end on real Fashion-MNIST that a rerun reads back from MLflow."""
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from edgepc.hardware import pick_device
 from edgepc.pipelines.config import PIPELINES, ConfigError, load_config
+from tests.conftest import benchmark_script
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "compare_losses", ROOT / "benchmarks/compare_losses.py"
-)
-study_module = importlib.util.module_from_spec(_spec)
-sys.modules["compare_losses"] = study_module  # dataclasses resolve their module
-_spec.loader.exec_module(study_module)
+study_module = benchmark_script("compare_losses")
 Run, Record, Stat = study_module.Run, study_module.Record, study_module.Stat
 
 
