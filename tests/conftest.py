@@ -165,10 +165,10 @@ def tiny() -> Tiny:
 
 @pytest.fixture(scope="session")
 def setup(tiny, tmp_path_factory):
-    """The tiny student, its PTQ int8 graph (cpu recipe and jetson's symmetric one), and a test
-    set file with 300 real test images."""
-    int8 = {t: convert(ptq(tiny.student, t, tiny.x[:256], tiny.norm)) for t in ("cpu", "jetson")}
-    int8["mobile"] = int8["cpu"]
+    """The tiny student, its PTQ int8 graph per target, and a test set file with 300 real test
+    images."""
+    targets = ("cpu", "mobile", "jetson")
+    int8 = {t: convert(ptq(tiny.student, t, tiny.x[:256], tiny.norm)) for t in targets}
     folder = tmp_path_factory.mktemp("testset")
     teacher = torch.randn(300, 16).numpy()  # any reference embeddings of the first images
     testset = write_testset(folder / TESTSET, tiny.test_x[:300].numpy(),

@@ -68,11 +68,12 @@ def test_recipe_specs_per_target(data, models, target):
         assert operator.attrgetter(scale.target)(graph).numel() == weight.shape[0]
     zero_points = [node.args[2] for node in per_tensor]
     assert len(zero_points) >= 6
-    assert all(n.args[5] == torch.int8 for n in per_tensor)
+    dtype = torch.uint8 if target == "cpu" else torch.int8  # onnxruntime x86: u8 activations
+    assert all(n.args[5] == dtype for n in per_tensor)
     if target == "jetson":  # TensorRT: symmetric activations, zero-point 0 everywhere
         assert set(zero_points) == {0}
-    else:  # affine: post-ReLU tensors use the whole int8 range (zero-point -128)
-        assert -128 in zero_points
+    else:  # affine: post-ReLU tensors use the whole 8-bit range, from the type's minimum
+        assert torch.iinfo(dtype).min in zero_points
 
 
 def test_unsupported_layer_is_named():

@@ -176,6 +176,7 @@ def write_onnx(
         for node in proto.graph.node:  # the exporter's stack traces: a third of a small file
             del node.metadata_props[:]
             node.doc_string = ""
+        del proto.graph.value_info[:]  # cached shapes of inner tensors: runtimes infer them
         onnx.save(proto, str(tmp))
     return path
 

@@ -1,18 +1,25 @@
-"""What int8 means on each target, as a PT2E quantizer (torchao), and which layers it takes.
+"""What int8 means on each target, as a PT2E quantizer (torchao's public quantizer API), and
+which layers it takes.
 
-All three targets use int8 weights, symmetric per output channel (axis 0, range ±127, zero-point
-0) and per-tensor int8 activations. They differ in the activations' zero-point:
+Every target quantizes the same places, the places its runtime fuses into int8 kernels:
 
-- ``jetson``: TensorRT executes only symmetric quantization, so activations are symmetric too
-  (zero-point 0 everywhere);
-- ``cpu`` (onnxruntime QDQ) and ``mobile`` (LiteRT full-integer, the TFLite int8 spec) take
-  affine activations, which keep a full 8 bits for non-negative (post-ReLU) tensors.
+- each conv / linear takes a quantized input and int8 weights, symmetric per output channel
+  (axis 0, range ±127, zero-point 0); its output is quantized after its batch norm and its
+  ReLU / ReLU6, so the clamp becomes the quantized range and costs nothing at run time;
+- each residual add takes quantized inputs and quantizes its output (after its ReLU);
+- layout and pooling ops inside the network (max-pool, flatten, view, transpose, chunk) keep
+  their input's scale, so runtimes run them on int8 data; a concatenation quantizes its output.
+
+The targets differ in the activations' type, the one their runtime's int8 kernels take:
+
+- ``cpu`` (onnxruntime QDQ): uint8, affine (zero-point 0 after a ReLU), the u8·s8 form of
+  onnxruntime's x86 kernels (VNNI); the ONNX writer stores biases as int32;
+- ``mobile`` (LiteRT full-integer, the TFLite int8 spec): int8, affine;
+- ``jetson`` (TensorRT explicit quantization): int8, symmetric (zero-point 0 everywhere).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,20 +29,24 @@ from torch import nn
 from edgepc.errors import QuantError
 
 if TYPE_CHECKING:
-    from torchao.quantization.pt2e.quantizer import Quantizer
+    from torch.fx import GraphModule, Node
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
 
 @dataclass(frozen=True)
 class Recipe:
     target: str
+    activation_dtype: torch.dtype
     symmetric_activations: bool
     runtime: str
 
 
 RECIPES = {
-    "jetson": Recipe("jetson", True, "TensorRT explicit quantization (Q/DQ, zero-point 0)"),
-    "cpu": Recipe("cpu", False, "onnxruntime int8 QDQ"),
-    "mobile": Recipe("mobile", False, "LiteRT full-integer int8"),
+    "jetson": Recipe(
+        "jetson", torch.int8, True, "TensorRT explicit quantization (Q/DQ, zero-point 0)"
+    ),
+    "cpu": Recipe("cpu", torch.uint8, False, "onnxruntime QDQ, u8 activations, s8 weights"),
+    "mobile": Recipe("mobile", torch.int8, False, "LiteRT full-integer int8"),
 }
 
 # Layers every target's int8 kernels cover (conv / linear with folded batch norm, ReLU-family
@@ -77,17 +88,142 @@ def check_supported(model: nn.Module, target: str) -> None:
             )
 
 
-def quantizer(target: str, qat: bool) -> Quantizer:
-    """The torchao PT2E quantizer of ``target`` (fake-quant modules for QAT, observers for PTQ)."""
-    with warnings.catch_warnings():  # the XNNPACK quantizer's location is marked deprecated
-        warnings.simplefilter("ignore")
-        from torchao.testing.pt2e._xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
+aten = torch.ops.aten
+WEIGHTED = {aten.conv2d.default, aten.linear.default}
+NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+CLAMPS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
+ADDS = {aten.add.Tensor, aten.add_.Tensor}
+SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
+AVERAGES = {aten.mean.dim, aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default}
+# Ops that move or select int8 values without arithmetic: they keep their input's scale.
+KEEP_SCALE = {
+    aten.max_pool2d.default,
+    aten.flatten.using_ints,
+    aten.view.default,
+    aten.reshape.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.contiguous.default,
+    aten.dropout.default,
+}
+
+
+def _specs(recipe: Recipe, qat: bool) -> tuple[QuantizationSpec, QuantizationSpec]:
+    """(activation, weight) specs: per-tensor activations of the recipe's type, symmetric int8
+    weights per output channel. PTQ observes (histogram for activations), QAT fake-quantizes
+    with moving averages of the ranges."""
+    from torchao.quantization.pt2e import (
+        FusedMovingAvgObsFakeQuantize,
+        HistogramObserver,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    info = torch.iinfo(recipe.activation_dtype)
+    if qat:
+        act_ctr = FusedMovingAvgObsFakeQuantize.with_args(
+            observer=MovingAverageMinMaxObserver, eps=2**-12
+        )
+        weight_ctr = FusedMovingAvgObsFakeQuantize.with_args(
+            observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12
+        )
+    else:
+        act_ctr = HistogramObserver.with_args(eps=2**-12)
+        weight_ctr = PerChannelMinMaxObserver.with_args(eps=2**-12)
+    symmetric = recipe.symmetric_activations
+    activation = QuantizationSpec(
+        dtype=recipe.activation_dtype,
+        quant_min=info.min,
+        quant_max=info.max,
+        qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=act_ctr,
+    )
+    weight = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-127,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=weight_ctr,
+    )
+    return activation, weight
+
+
+def _sole_user(node: Node, targets: set) -> Node | None:
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in targets:
+        return users[0]
+    return None
+
+
+def _edge_quantizer(recipe: Recipe, qat: bool) -> Quantizer:
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation,
+        Quantizer,
+        SharedQuantizationSpec,
+    )
+
+    activation, weight = _specs(recipe, qat)
+
+    def mark(node: Node, inputs: dict | None = None, output: object = None) -> None:
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map=inputs or {}, output_qspec=output, _annotated=True
         )
 
-        config = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
-        if recipe(target).symmetric_activations:
-            act = dataclasses.replace(config.input_activation, qscheme=torch.per_tensor_symmetric)
-            config = dataclasses.replace(config, input_activation=act, output_activation=act)
-        return XNNPACKQuantizer().set_global(config)
+    def annotated(node: Node) -> bool:
+        annotation = node.meta.get("quantization_annotation")
+        return annotation is not None and annotation._annotated
+
+    def quantized(node: Node) -> bool:
+        annotation = node.meta.get("quantization_annotation")
+        return annotation is not None and annotation.output_qspec is not None
+
+    def tail(node: Node, groups: tuple[set, ...]) -> Node:
+        """The last node of ``node``'s fused group: its batch norm, then its ReLU / ReLU6."""
+        for follow in groups:
+            nxt = _sole_user(node, follow)
+            if nxt is not None and not annotated(nxt):
+                mark(nxt)
+                node = nxt
+        return node
+
+    class EdgeQuantizer(Quantizer):
+        def annotate(self, model: GraphModule) -> GraphModule:
+            for node in model.graph.nodes:
+                if node.op != "call_function" or annotated(node):
+                    continue
+                args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+                if node.target in WEIGHTED:
+                    mark(node, {args[0]: activation, args[1]: weight})
+                    end = tail(node, (NORMS, CLAMPS))
+                    mark(end, end.meta["quantization_annotation"].input_qspec_map, activation)
+                elif node.target in ADDS and len(args) == 2:  # not a buffer's counter += 1
+                    mark(node, {a: activation for a in args})
+                    end = tail(node, (CLAMPS,))
+                    mark(end, end.meta["quantization_annotation"].input_qspec_map, activation)
+                elif node.target is aten.cat.default:
+                    mark(node, {a: activation for a in node.args[0]}, activation)
+                elif node.target in KEEP_SCALE and args and quantized(args[0]):
+                    source = args[0]
+                    mark(node, {source: activation}, SharedQuantizationSpec((source, node)))
+                elif node.target in SPLITS and quantized(args[0]):  # int8 in, int8 parts out
+                    mark(node, {args[0]: activation})
+                    for part in node.users:
+                        mark(part, {}, SharedQuantizationSpec((args[0], node)))
+                elif node.target in AVERAGES and args and quantized(args[0]):
+                    mark(node, {args[0]: activation}, activation)
+            return model
+
+        def validate(self, model: GraphModule) -> None:
+            pass
+
+    return EdgeQuantizer()
+
+
+def quantizer(target: str, qat: bool) -> Quantizer:
+    """The PT2E quantizer of ``target`` (fake-quant modules for QAT, observers for PTQ)."""
+    return _edge_quantizer(recipe(target), qat)

@@ -1,0 +1,244 @@
+"""Is edgepc's int8 faster than fp32, and as fast as the runtime's own quantizer? One run,
+batch 1, interleaved rounds.
+
+    python benchmarks/int8_speed.py [--nets NAME ...] [--threads 1 2] [--rounds 5]
+        [--iterations 200] [--warmup 20] [--out benchmarks/results] [--tag NAME]
+
+Networks: every zoo student at the default input (1×28×28), and MobileNetV2-0.5 and
+ShuffleNetV2-0.5 with torchvision's standard stride-2 stems at 3×224×224 (``NAME@224``).
+Weights are seeded random with batch-norm statistics drawn away from the identity; latency
+does not depend on their values (the pipeline measures the recipes' accuracy).
+
+Files per network, written by edgepc's own writers:
+
+- onnxruntime: fp32; edgepc int8 from the PTQ recipe and from the QAT recipe (its
+  fake-quant graph converted); and the control a user would otherwise pick: onnxruntime's
+  ``quant_pre_process`` then ``quantize_static`` of the same fp32 file (QDQ, uint8
+  activations, int8 per-channel weights, the same 16 calibration images);
+- LiteRT: fp32 and edgepc int8 (PTQ, QAT), full-integer.
+
+Every file runs in every round (1 and 2 threads), so a slow spell of the shared machine hits
+all of them; a p50 is the median of the rounds' p50s; speed is fp32 p50 / file p50. Writes
+``int8_speed[-TAG].json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from tqdm import tqdm
+
+from edgepc.export.bundle import WRITERS
+from edgepc.export.runtimes import open_runtime
+from edgepc.export.writers import quiet_native_logs
+from edgepc.files import write_text
+from edgepc.hardware import cpu_name
+from edgepc.measure import latency
+from edgepc.models import MODELS, EmbeddingModel, build_model
+from edgepc.quant import convert, prepare
+
+STANDARD_STEMS: dict[str, Callable[[], EmbeddingModel]] = {
+    "mobilenetv2_0.5@224": lambda: EmbeddingModel(
+        torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5), "features"
+    ),
+    "shufflenetv2_0.5@224": lambda: EmbeddingModel(
+        torchvision.models.shufflenet_v2_x0_5(num_classes=10), "conv5"
+    ),
+}
+STUDENTS = [name for name, spec in MODELS.items() if spec.role == "student"]
+CALIBRATION = 16
+TARGETS = {"cpu": "onnxruntime", "mobile": "LiteRT"}
+
+
+def network(name: str) -> tuple[EmbeddingModel, torch.Tensor]:
+    """The seeded model and 16 calibration images at its input size."""
+    torch.manual_seed(0)
+    if name in STANDARD_STEMS:
+        model, shape = STANDARD_STEMS[name](), (3, 224, 224)
+    else:
+        model, shape = build_model(name, 10, 1), (1, 28, 28)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.bias.data.uniform_(-0.3, 0.3)
+    return model.eval(), torch.randn(CALIBRATION, *shape)
+
+
+def ort_control(fp32: Path, images: np.ndarray, path: Path) -> Path:
+    """onnxruntime's own static quantization of ``fp32``: what a user would otherwise run."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"images": image[None]} for image in images])
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+    pre = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)  # fmt: skip
+    pre.unlink()
+    return path
+
+
+def files(name: str, folder: Path) -> dict[tuple[str, str], Path]:
+    """{(target, variant): model file} for one network."""
+    model, images = network(name)
+    out: dict[tuple[str, str], Path] = {}
+    int8 = {}
+    for recipe, qat in (("ptq", False), ("qat", True)):
+        for target in TARGETS:
+            quant = prepare(model, target, images, qat=qat)
+            quant.calibrate([images])
+            int8[target, recipe] = convert(quant)
+    for target in TARGETS:
+        sub = folder / target
+        out[target, "fp32"] = WRITERS[target](model, images[:2], sub / "fp32", False)
+        for recipe in ("ptq", "qat"):
+            (sub / recipe).mkdir(parents=True, exist_ok=True)
+            graph = int8[target, recipe]
+            out[target, f"int8 {recipe}"] = WRITERS[target](graph, images[:2], sub / recipe, True)
+    (folder / "ort").mkdir(exist_ok=True)
+    control = ort_control(out["cpu", "fp32"], images.numpy(), folder / "ort" / "model.onnx")
+    out["cpu", "int8 ort quantize_static"] = control
+    return out
+
+
+def measure(
+    built: dict[str, dict[tuple[str, str], Path]],
+    threads: list[int],
+    rounds: int,
+    warmup: int,
+    iterations: int,
+) -> list[dict]:
+    rows: dict[tuple[str, str, str], dict] = {}
+    runners = {}
+    for net, paths in built.items():
+        shape = network_shape(net)
+        image = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+        for (target, variant), path in paths.items():
+            rows[net, target, variant] = {
+                "net": net,
+                "input": "×".join(map(str, shape)),
+                "runtime": TARGETS[target],
+                "variant": variant,
+                "size_mb": path.stat().st_size / 2**20,
+                "rounds": {f"{t}t": [] for t in threads},
+            }
+            for count in threads:
+                with quiet_native_logs():
+                    runtime = open_runtime(path, count)
+                runners[net, target, variant, count] = partial(runtime.run, image)
+    for _ in tqdm(range(rounds), desc="rounds"):
+        for (net, target, variant, count), run in runners.items():
+            timed = latency(run, warmup, iterations)
+            rows[net, target, variant]["rounds"][f"{count}t"].append(timed.p50_ms)
+    for row in rows.values():
+        for key, p50s in row["rounds"].items():
+            row[f"p50_ms_{key}"] = statistics.median(p50s)
+    for (net, target, _), row in rows.items():
+        fp32 = rows[net, target, "fp32"]
+        row["fp32_size_ratio"] = fp32["size_mb"] / row["size_mb"]
+        for count in threads:
+            key = f"{count}t"
+            row[f"speed_vs_fp32_{key}"] = fp32[f"p50_ms_{key}"] / row[f"p50_ms_{key}"]
+            control = rows.get((net, target, "int8 ort quantize_static"))
+            if control is not None and row["variant"] != "fp32":
+                row[f"speed_vs_control_{key}"] = control[f"p50_ms_{key}"] / row[f"p50_ms_{key}"]
+    return list(rows.values())
+
+
+def network_shape(name: str) -> tuple[int, int, int]:
+    return (3, 224, 224) if name in STANDARD_STEMS else (1, 28, 28)
+
+
+def markdown(rows: list[dict], threads: list[int], meta: dict) -> str:
+    heads = ["network", "input", "runtime", "file", "MB", "× smaller"]
+    for count in threads:
+        heads += [f"p50 ms {count}t", f"speed vs fp32 {count}t"]
+    heads.append("speed vs ORT quantize_static 1t")
+    lines = [
+        "# int8 speed: edgepc's recipes against fp32 and onnxruntime's quantize_static",
+        "",
+        f"{meta['cpu']}, batch 1, {meta['rounds']} interleaved rounds of {meta['iterations']} "
+        f"runs; {meta['date']}. Speed = fp32 p50 / file p50 (> 1: faster than fp32).",
+        f"Reproduce: `{meta['command']}`",
+        "",
+        "| " + " | ".join(heads) + " |",
+        "|" + "---|" * len(heads),
+    ]
+    for row in rows:
+        cells = [row["net"], row["input"], row["runtime"], row["variant"],
+                 f"{row['size_mb']:.3f}", f"{row['fp32_size_ratio']:.2f}"]  # fmt: skip
+        for count in threads:
+            key = f"{count}t"
+            cells += [f"{row[f'p50_ms_{key}']:.3f}", f"{row[f'speed_vs_fp32_{key}']:.2f}×"]
+        control = row.get("speed_vs_control_1t")
+        cells.append("" if control is None else f"{control:.2f}×")
+        lines.append("| " + " | ".join(cells) + " |")
+    slower = [r for r in rows if r["variant"] != "fp32" and r["speed_vs_fp32_1t"] < 1.0]
+    lines += ["", "int8 slower than fp32 at 1 thread: " + (
+        ", ".join(f"{r['net']} {r['runtime']} {r['variant']} ({r['speed_vs_fp32_1t']:.2f}×)"
+                  for r in slower) or "none")]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", nargs="+", default=[*STUDENTS, *STANDARD_STEMS],
+                        choices=[*STUDENTS, *STANDARD_STEMS])  # fmt: skip
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(args.threads))
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = {}
+        for net in tqdm(args.nets, desc="export"):
+            built[net] = files(net, Path(tmp) / net)
+        rows = measure(built, args.threads, args.rounds, args.warmup, args.iterations)
+    meta = {
+        "cpu": cpu_name(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "rounds": args.rounds,
+        "iterations": args.iterations,
+        "threads": args.threads,
+        "command": "python benchmarks/int8_speed.py " + " ".join(argv or sys.argv[1:]),
+    }
+    stem = "int8_speed" + (f"-{args.tag}" if args.tag else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = markdown(rows, args.threads, meta)
+    write_text(args.out / f"{stem}.md", table)
+    print(table)
+    return {"meta": meta, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""What each runtime executes from edgepc's int8 files, for every zoo student: the structure that
+makes int8 fast, read from the runtime (no timing; benchmarks/int8_speed.py times it).
+
+The students are the benchmark's own (seeded weights, batch-norm statistics away from the
+identity), so these tests check the graphs whose speed the benchmark reports.
+"""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from edgepc.export.bundle import WRITERS
+from edgepc.export.inspect import float_compute, litert_plan, onnxruntime_ops
+from edgepc.export.tensorrt import check_onnx
+from edgepc.export.writers import write_tflite
+from edgepc.models import MODELS
+from edgepc.quant import convert, prepare
+from tests.conftest import benchmark_script
+
+QUANTIZE = "quantized_decomposed.quantize_per_"
+STUDENTS = [name for name, spec in MODELS.items() if spec.role == "student"]
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return benchmark_script("int8_speed")
+
+
+def int8_file(speed, name: str, target: str, folder):
+    """(the fp32 student, its PTQ int8 graph for ``target``, the int8 file written from it)"""
+    model, images = speed.network(name)
+    quant = prepare(model, target, images, qat=False)
+    quant.calibrate([images])
+    graph = convert(quant)
+    return model, graph, WRITERS[target](graph, images[:2], folder, True)
+
+
+def convs(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def linears(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def test_onnxruntime_ops_shows_float_convs_of_an_fp32_graph(tmp_path, speed):
+    model, images = speed.network("tiny_cnn")
+    ops = onnxruntime_ops(WRITERS["cpu"](model, images[:2], tmp_path, False))
+    expected = {"com.microsoft.nchwc.Conv": 3, "com.microsoft.FusedGemm": 1, "Gemm": 1}
+    assert float_compute(ops) == expected, ops  # 3 convs, the linear + ReLU, the classifier
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_cpu_int8_runs_every_conv_linear_and_add_as_an_int8_kernel(tmp_path, speed, name):
+    model, graph, path = int8_file(speed, name, "cpu", tmp_path)
+    ops = onnxruntime_ops(path)
+    assert not float_compute(ops), ops  # no float islands
+    assert ops["com.microsoft.QLinearConv"] == convs(model)
+    assert ops["com.microsoft.QGemm"] == linears(model)
+    assert ops["Clip"] == ops["Relu"] == 0, ops  # every clamp folded into a quantized range
+    assert ops["Add"] == 0, ops  # residual adds: QLinearAdd
+    # NCHW <-> NHWC at the graph's two ends, and around each ShuffleNet channel shuffle (a 5-D
+    # transpose that the NHWC kernels cannot cross; the fp32 graph reorders there too)
+    shuffles = sum(n.target is torch.ops.aten.transpose.int for n in graph.graph.nodes)
+    assert ops["Transpose"] <= 2 + 3 * shuffles, ops
+    # float only at the ends: input, the two outputs, the global poolings before them
+    assert ops["QuantizeLinear"] + ops["DequantizeLinear"] <= 8, ops
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_mobile_int8_is_taken_whole_by_xnnpack_with_constant_int8_filters(tmp_path, speed, name):
+    model, _, path = int8_file(speed, name, "mobile", tmp_path)
+    plan = litert_plan(path)
+    assert plan.delegated_whole_graph, plan.ops
+    assert plan.constant_transforms == []  # no weight transposed or dequantized at run time
+    assert plan.float_weights == []
+    assert plan.ops["CONV_2D"] + plan.ops["DEPTHWISE_CONV_2D"] == convs(model)
+    assert plan.float_ops == []  # full integer: int8 from input to outputs
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_jetson_int8_passes_the_tensorrt_rules(tmp_path, speed, name):
+    model, _, path = int8_file(speed, name, "jetson", tmp_path)
+    counts = check_onnx(path)  # Q/DQ pairs, zero-point 0, weights per channel on axis 0
+    assert counts["per_channel"] == 2 * (convs(model) + linears(model))  # a Q/DQ per weight
+
+
+def test_litert_plan_sees_ops_that_xnnpack_leaves_out(tmp_path):
+    class Cumsum(torch.nn.Module):
+        def forward(self, x):
+            y = torch.nn.functional.conv2d(x, torch.ones(4, 1, 3, 3))
+            return y.cumsum(1), y.relu()
+
+    path = write_tflite(Cumsum(), torch.randn(1, 1, 8, 8), tmp_path / "m.tflite", False)
+    plan = litert_plan(path)
+    assert plan.ops["CUMSUM"] == 1
+    assert not plan.delegated_whole_graph  # XNNPACK has no cumulative sum
+    assert [op.split("#")[0] for op in plan.float_weights] == ["DEPTHWISE_CONV_2D"]
+    assert any(op.startswith("CUMSUM#") for op in plan.float_ops)
+
+
+def test_qat_and_ptq_quantize_the_same_places(speed):
+    """QAT fake-quantizes exactly where PTQ observes, so trained scales are the exported ones."""
+    model, images = speed.network("mobilenetv2_0.5")
+
+    def quantize_ops(qat: bool) -> tuple[list[str], int]:
+        """(what each activation quantize reads, in order; the number of quantized weights)"""
+        quant = prepare(model, "cpu", images, qat=qat)
+        quant.calibrate([images])
+        nodes = [n for n in convert(quant).graph.nodes if str(n.target).startswith(QUANTIZE)]
+        activations = [str(n.args[0].target) for n in nodes if "per_tensor" in str(n.target)]
+        return activations, sum("per_channel" in str(n.target) for n in nodes)
+
+    ptq, qat = quantize_ops(False), quantize_ops(True)
+    sources = Counter(ptq[0])
+    assert sources["aten.hardtanh_.default"] == 35  # after each of the 35 ReLU6, not before
+    assert sources["aten.conv2d.default"] == 52 - 35  # the convs with no clamp after them
+    assert sources["aten.add.Tensor"] == 10  # residual adds
+    assert ptq[1] == 52 + 1  # conv and linear weights
+    assert ptq == qat
+
+
+def test_int8_speed_writes_its_table_with_ratios(tmp_path, speed):
+    result = speed.main(["--nets", "tiny_cnn", "--threads", "1", "--rounds", "2",
+                         "--iterations", "5", "--warmup", "1", "--out", str(tmp_path)])  # fmt: skip
+    rows = {(r["runtime"], r["variant"]): r for r in result["rows"]}
+    assert set(rows) == {
+        ("onnxruntime", "fp32"), ("onnxruntime", "int8 ptq"), ("onnxruntime", "int8 qat"),
+        ("onnxruntime", "int8 ort quantize_static"),
+        ("LiteRT", "fp32"), ("LiteRT", "int8 ptq"), ("LiteRT", "int8 qat"),
+    }  # fmt: skip
+    for (runtime, variant), row in rows.items():
+        fp32 = rows[runtime, "fp32"]
+        assert row["speed_vs_fp32_1t"] == pytest.approx(fp32["p50_ms_1t"] / row["p50_ms_1t"])
+        assert len(row["rounds"]["1t"]) == 2
+        if variant != "fp32":
+            assert row["fp32_size_ratio"] > 2.0  # int8 weights
+    table = (tmp_path / "int8_speed.md").read_text()
+    assert "| tiny_cnn | 1×28×28 | onnxruntime | int8 ptq |" in table
+    assert np.isfinite(rows["onnxruntime", "int8 ptq"]["speed_vs_control_1t"])
