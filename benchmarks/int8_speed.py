@@ -17,16 +17,15 @@ Files per network, written by edgepc's own writers:
   activations, int8 per-channel weights, the same 16 calibration images);
 - LiteRT: fp32 and edgepc int8 (PTQ, QAT), full-integer.
 
-Every file runs in every round (1 and 2 threads), so a slow spell of the shared machine hits
-all of them; a p50 is the median of the rounds' p50s; speed is fp32 p50 / file p50. Writes
-``int8_speed[-TAG].json`` and ``.md``.
+Every file runs in every round (1 and 2 threads; ``--iterations`` timed calls per file and
+thread count, spread over the rounds), so a slow spell of the shared machine hits all of them
+alike; speed is fp32 p50 / file p50. Writes ``int8_speed[-TAG].json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import warnings
@@ -45,7 +44,7 @@ from edgepc.export.runtimes import open_runtime
 from edgepc.export.writers import quiet_native_logs
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
-from edgepc.measure import latency
+from edgepc.measure import interleaved_latency
 from edgepc.models import MODELS, EmbeddingModel, build_model
 from edgepc.quant import convert, prepare
 
@@ -145,28 +144,27 @@ def measure(
                 "runtime": TARGETS[target],
                 "variant": variant,
                 "size_mb": path.stat().st_size / 2**20,
-                "rounds": {f"{t}t": [] for t in threads},
             }
             for count in threads:
                 with quiet_native_logs():
                     runtime = open_runtime(path, count)
                 runners[net, target, variant, count] = partial(runtime.run, image)
-    for _ in tqdm(range(rounds), desc="rounds"):
-        for (net, target, variant, count), run in runners.items():
-            timed = latency(run, warmup, iterations)
-            rows[net, target, variant]["rounds"][f"{count}t"].append(timed.p50_ms)
-    for row in rows.values():
-        for key, p50s in row["rounds"].items():
-            row[f"p50_ms_{key}"] = statistics.median(p50s)
+    timed = interleaved_latency(runners, warmup, iterations, rounds)
+    for (net, target, variant, count), result in timed.items():
+        rows[net, target, variant] |= {
+            f"p50_ms_{count}t": result.p50_ms,
+            f"p90_ms_{count}t": result.p90_ms,
+            f"iterations_{count}t": result.iterations,
+        }
     for (net, target, _), row in rows.items():
         fp32 = rows[net, target, "fp32"]
+        control = rows.get((net, target, "int8 ort quantize_static"))
         row["fp32_size_ratio"] = fp32["size_mb"] / row["size_mb"]
         for count in threads:
-            key = f"{count}t"
-            row[f"speed_vs_fp32_{key}"] = fp32[f"p50_ms_{key}"] / row[f"p50_ms_{key}"]
-            control = rows.get((net, target, "int8 ort quantize_static"))
+            key = f"p50_ms_{count}t"
+            row[f"speed_vs_fp32_{count}t"] = fp32[key] / row[key]
             if control is not None and row["variant"] != "fp32":
-                row[f"speed_vs_control_{key}"] = control[f"p50_ms_{key}"] / row[f"p50_ms_{key}"]
+                row[f"speed_vs_control_{count}t"] = control[key] / row[key]
     return list(rows.values())
 
 
@@ -182,8 +180,9 @@ def markdown(rows: list[dict], threads: list[int], meta: dict) -> str:
     lines = [
         "# int8 speed: edgepc's recipes against fp32 and onnxruntime's quantize_static",
         "",
-        f"{meta['cpu']}, batch 1, {meta['rounds']} interleaved rounds of {meta['iterations']} "
-        f"runs; {meta['date']}. Speed = fp32 p50 / file p50 (> 1: faster than fp32).",
+        f"{meta['cpu']}, batch 1, {meta['iterations']} timed runs per file and thread count in "
+        f"{meta['rounds']} interleaved rounds; {meta['date']}. Speed = fp32 p50 / file p50 "
+        "(> 1: faster than fp32).",
         f"Reproduce: `{meta['command']}`",
         "",
         "| " + " | ".join(heads) + " |",
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                         choices=[*STUDENTS, *STANDARD_STEMS])  # fmt: skip
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="")

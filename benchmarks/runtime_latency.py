@@ -6,9 +6,9 @@ measured in one run.
 
 EXPORT_DIR is an export stage's folder (the pipeline's summary prints it: ``bundles: DIR/...``),
 or one bundle. Every bundle is timed with the validate stage's timer (:func:`edgepc.measure.
-latency`) in ``rounds`` interleaved rounds (fp32, int8, fp32, int8, ...) so that a slow spell of
-a shared machine hits both; the p50 reported is the median of the rounds' p50s, and the speed-up
-is fp32 p50 / int8 p50 of the same target and thread count. Writes ``runtime_latency-TAG.json``
+interleaved_latency`) in ``rounds`` interleaved rounds of ``iterations`` calls (fp32, int8, fp32,
+int8, ...) so that a slow spell of a shared machine hits both; percentiles are over all calls,
+and the speed-up is fp32 p50 / int8 p50 of the same target and thread count. Writes ``runtime_latency-TAG.json``
 and ``.md``.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from datetime import UTC, datetime
 from functools import partial
@@ -28,7 +27,7 @@ from edgepc.export.bundle import MANIFEST, read_manifest
 from edgepc.export.runtimes import normalise, open_runtime
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
-from edgepc.measure import latency
+from edgepc.measure import interleaved_latency
 
 
 def bundles(paths: list[Path]) -> list[Path]:
@@ -61,16 +60,11 @@ def measure(
             "source": manifest.source,
             "runtime": runtime.name,
             "size_mb": manifest.entry(manifest.model).bytes / 2**20,
-            "rounds": {f"{c}t": [] for c in threads},
         }
-    for _ in range(rounds):
-        for (name, count), run in runners.items():
-            timed = latency(run, warmup, iterations)
-            results[name]["rounds"][f"{count}t"].append(timed.as_dict())
-    for row in results.values():
-        for key, timings in row["rounds"].items():
-            for stat in ("p50_ms", "p90_ms", "p99_ms"):
-                row[f"{stat}_{key}"] = statistics.median(t[stat] for t in timings)
+    timed = interleaved_latency(runners, warmup, iterations * rounds, rounds)
+    for (name, count), result in timed.items():
+        for stat in ("p50_ms", "p90_ms", "p99_ms", "iterations"):
+            results[name][f"{stat}_{count}t"] = getattr(result, stat)
     return results
 
 

@@ -11,12 +11,15 @@ import multiprocessing.connection
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+K = TypeVar("K")
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -176,15 +179,36 @@ def latency(fn: Callable[[], object], warmup: int = 20, iterations: int = 200) -
     Percentiles are linear interpolations of the sorted times (``statistics.quantiles``,
     inclusive); run it with the runtime's thread count pinned, on an otherwise idle machine.
     """
-    if iterations < 2:
-        raise ValueError(f"latency needs at least 2 timed iterations, got {iterations}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter_ns()
-        fn()
-        times.append((time.perf_counter_ns() - start) / 1e6)
+    return interleaved_latency({0: fn}, warmup, iterations, rounds=1)[0]
+
+
+def interleaved_latency(
+    fns: Mapping[K, Callable[[], object]], warmup: int = 20, iterations: int = 200, rounds: int = 3
+) -> dict[K, Latency]:
+    """Time several ``fns`` against each other: after ``warmup`` calls of each, ``rounds``
+    rounds in which every fn makes its share of ``iterations`` timed calls in turn (a, b, a, b),
+    so a slow spell of a shared machine hits them alike; each fn's percentiles are over all of
+    its calls."""
+    if rounds < 1 or iterations < max(2, rounds):
+        raise ValueError(
+            f"latency needs at least {max(2, rounds)} timed iterations ({rounds} rounds), "
+            f"got {iterations}"
+        )
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[K, list[float]] = {key: [] for key in fns}
+    for round_ in range(rounds):
+        calls = iterations // rounds + (round_ < iterations % rounds)
+        for key, fn in fns.items():
+            for _ in range(calls):
+                start = time.perf_counter_ns()
+                fn()
+                times[key].append((time.perf_counter_ns() - start) / 1e6)
+    return {key: _summary(t, warmup) for key, t in times.items()}
+
+
+def _summary(times: list[float], warmup: int) -> Latency:
     cuts = statistics.quantiles(times, n=100, method="inclusive")
     return Latency(
         p50_ms=cuts[49],
@@ -193,5 +217,5 @@ def latency(fn: Callable[[], object], warmup: int = 20, iterations: int = 200) -
         mean_ms=statistics.fmean(times),
         std_ms=statistics.stdev(times),
         warmup=warmup,
-        iterations=iterations,
+        iterations=len(times),
     )

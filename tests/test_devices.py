@@ -74,7 +74,7 @@ def test_device_script_reproduces_the_validate_stage_without_torch(
 ):
     manifest = bundle(tmp_path, setup, target, "ptq")
     folder = tmp_path / manifest.name
-    stage = validate_bundle(folder, threads=[1], warmup=5, iterations=50)
+    stage = validate_bundle(folder)
     out = tmp_path / "report.json"
     done = run_script(target, folder, blocker(), "--out", str(out), "--threads", "1", "2",
                       "--iterations", "50")  # fmt: skip

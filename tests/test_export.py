@@ -22,9 +22,14 @@ from edgepc.export.bundle import (
 from edgepc.export.parity import parity, violations
 from edgepc.export.runtimes import normalise, open_runtime
 from edgepc.export.tensorrt import check_onnx
-from edgepc.measure import latency
+from edgepc.measure import interleaved_latency, latency
 from edgepc.pipelines.config import ExportSection
-from edgepc.pipelines.deploy import ValidationGateError, validate_bundle, validate_stage
+from edgepc.pipelines.deploy import (
+    ValidationGateError,
+    validate_bundle,
+    validate_stage,
+    validation_table,
+)
 from edgepc.pipelines.stages import StageContext, StageResult
 from tests.conftest import bundle
 
@@ -155,32 +160,66 @@ def test_latency_timer_counts_and_orders():
         latency(lambda: None, iterations=1)
 
 
+def test_interleaved_latency_alternates_and_counts_every_call():
+    order = []
+    timed = interleaved_latency({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                warmup=2, iterations=7, rounds=3)  # fmt: skip
+    assert "".join(order) == "aabb" + "aaabbb" + "aabb" + "aabb"  # warm-up, then 3 + 2 + 2
+    assert timed["a"].iterations == timed["b"].iterations == 7
+    with pytest.raises(ValueError, match="at least 3 timed iterations"):
+        interleaved_latency({"a": lambda: None}, iterations=2, rounds=3)
+
+
 @pytest.mark.slow
-def test_validate_measures_the_bundle_and_the_gate_fails_clearly(tmp_path, setup):
-    manifest = bundle(tmp_path, setup, "cpu", "ptq")
-    folder = tmp_path / manifest.name
-    row = validate_bundle(folder, threads=[1, 2], warmup=2, iterations=20)
+def test_validate_measures_the_bundles_and_the_gate_fails_clearly(tmp_path, setup):
+    manifests = [bundle(tmp_path, setup, "cpu", source) for source in ("fp32", "ptq")]
+    folder = tmp_path / manifests[1].name
+    row = validate_bundle(folder)
     x = normalise(np.load(folder / TESTSET)["images"], *setup[3].model_dump().values())
-    logits, _ = open_runtime(folder / manifest.model).predict(x)
+    logits, _ = open_runtime(folder / manifests[1].model).predict(x)
     labels = np.load(folder / TESTSET)["labels"]
     assert row["test_top1"] == float((logits.argmax(1) == labels).mean())  # same runtime
-    assert row["size_mb"] == (folder / manifest.model).stat().st_size / 2**20
-    assert {"p50_ms_1t", "p99_ms_2t", "throughput_1t"} <= set(row)
+    assert row["size_mb"] == (folder / manifests[1].model).stat().st_size / 2**20
     from edgepc.pipelines.config import load_config
 
-    config = load_config("cpu", overrides=["validation.latency={warmup: 1, iterations: 5}"])
-    export = (tmp_path, StageResult(facts={"bundles": [manifest.name]}))
+    config = load_config("cpu", overrides=["validation.latency={warmup: 1, iterations: 6}"])
+    export = (tmp_path, StageResult(facts={"bundles": [m.name for m in manifests]}))
     ctx = StageContext(tmp_path / "validate", CPU, lambda m, s: None, False)
     ctx.workdir.mkdir()
     fine = {"distill": (tmp_path, StageResult({"test_top1": row["test_top1"]})), "export": export}
     result = validate_stage(config, fine, ctx)
-    assert result.metrics["int8_drop_points"] == 0.0
-    assert result.metrics["int8_test_top1"] == row["test_top1"]
+    metrics = result.metrics
+    assert metrics["int8_test_top1"] == row["test_top1"]
+    assert metrics["int8_drop_points"] == 0.0
+    for t in (1, 2):  # the ratio is of the same run's p50s; fp32 against itself is 1
+        assert metrics[f"int8_speed_vs_fp32_{t}t"] == metrics[f"fp32_p50_ms_{t}t"] / metrics[
+            f"int8_p50_ms_{t}t"]  # fmt: skip
+        assert metrics[f"fp32_speed_vs_fp32_{t}t"] == 1.0
+    table = result.facts["table"]
+    speed = metrics["int8_speed_vs_fp32_1t"]
+    assert f"| {speed:.2f}× |" in table
+    slower = "**int8 is slower than fp32 here**" in table
+    assert slower == any(metrics[f"int8_speed_vs_fp32_{t}t"] < 1 for t in (1, 2))
     # An fp32 student 5 points better than the int8 file: the gate stops the pipeline.
-    better = {**fine, "distill": (tmp_path, StageResult({"test_top1": row["test_top1"] + 0.05}))}
+    top1 = row["test_top1"] + 0.05
+    better = {**fine, "distill": (tmp_path, StageResult({"test_top1": top1}))}
     gate = r"cpu-int8 loses 5.00 top-1 points .*validation.max_drop = 1.0"
     with pytest.raises(ValidationGateError, match=gate):
         validate_stage(config, better, ctx)
+
+
+def test_the_validation_table_says_plainly_when_int8_is_slower():
+    row = {"test_top1": 0.9, "drop_points": 0.0, "test_pc_triplet_agreement": 0.8, "size_mb": 1.0,
+           "p50_ms_1t": 1.0, "p99_ms_1t": 2.0}  # fmt: skip
+    rows = {"cpu-fp32": row | {"speed_vs_fp32_1t": 1.0},
+            "cpu-int8": row | {"speed_vs_fp32_1t": 0.8}}  # fmt: skip
+    table = validation_table(rows, 0.9, [1], 1.0)
+    assert "**int8 is slower than fp32 here**: cpu-int8 at 1 thread (0.80×)." in table
+    rows["cpu-int8"]["speed_vs_fp32_1t"] = 1.25
+    table = validation_table(rows, 0.9, [1], 1.0)
+    assert "| 1.25× |" in table
+    assert "slower" not in table
+    assert "Every int8 artifact is faster than its fp32 sibling" in table
 
 
 def run_builder(*args):

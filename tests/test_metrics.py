@@ -12,6 +12,7 @@ from edgepc.coherence import (
     pairwise_dissimilarity,
 )
 from edgepc.coherence.metrics import agreeing_pairs, count_inversions
+from edgepc.distill.evaluate import better_than_chance
 from edgepc.measure import peak_memory_in_fresh_process
 from tests.conftest import random_rotation
 
@@ -161,3 +162,12 @@ def test_ten_thousand_embeddings_in_bounded_memory():
     assert 0.6 < m.triplet_agreement < 0.95  # a non-trivial case
     assert 0.0 < m.rank_gap < 0.3
     assert 0.3 < m.spearman < 1.0
+
+
+def test_better_than_chance_is_a_three_sigma_binomial_bound():
+    # 10 classes, 900 images: chance 0.1, sigma 0.01, bound 0.13
+    assert not better_than_chance(0.13, 900, 10)
+    assert better_than_chance(0.1301, 900, 10)
+    assert not better_than_chance(0.3, 9, 10)  # 0.1 + 3 * 0.1 = 0.4 on 9 images
+    assert better_than_chance(0.66, 100, 2)  # two classes: 0.5 + 3 * 0.05 = 0.65
+    assert not better_than_chance(0.64, 100, 2)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgepc.errors import TrainingError
 from edgepc.export.writers import ExportError
 from edgepc.pipelines.config import ConfigError, load_config, parse_override
 from edgepc.pipelines.run import main
@@ -110,6 +111,19 @@ def test_another_target_shares_data_teacher_and_student(tmp_path, store, small):
     assert qat["fp32_test_top1"] == small.result("distill")["metrics"]["test_top1"]
     assert abs(qat["qat_test_top1"] - qat["fp32_test_top1"]) < 0.05
     assert qat["qat_test_pc_triplet_agreement_fp32"] > 0.9
+
+
+def test_a_student_no_better_than_chance_stops_the_pipeline_after_distill(tmp_path, store, small):
+    config = load_config("cpu", overrides=[*SMALL, "distill.train.epochs=0"])  # never trained
+    cache = small.copy(tmp_path / "cache", ("data", "teacher"))
+    message = (
+        r"^the distilled student tiny_cnn is no better than chance: val_top1 0\.\d+ on \d+ "
+        r"validation images, chance 0\.100\. It did not learn in 0 epochs .* raise "
+        r"distill\.train\.epochs or distill\.train\.lr, or pick a smaller distill\.student$"
+    )
+    with pytest.raises(TrainingError, match=message):
+        run_pipeline(config, cache, store, progress=False, echo=lambda _: None)
+    assert not list(cache.glob("qat-*"))  # nothing quantized or exported
 
 
 def test_export_validate_register_end_to_end(tmp_path, store, small):

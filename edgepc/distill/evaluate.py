@@ -32,6 +32,13 @@ def predict(
     return torch.cat(logits), torch.cat(embeddings)
 
 
+def better_than_chance(accuracy: float, n: int, classes: int, z: float = 3.0) -> bool:
+    """Whether ``accuracy`` on ``n`` images beats guessing among ``classes`` by more than ``z``
+    binomial standard deviations (one-sided; 3: a guesser passes 0.1 % of the time)."""
+    chance = 1.0 / classes
+    return accuracy > chance + z * (chance * (1 - chance) / max(n, 1)) ** 0.5
+
+
 def top1(logits: Tensor, labels: Tensor) -> float:
     """Fraction of argmax predictions equal to the labels."""
     return (logits.argmax(1) == labels).double().mean().item()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepc.distill.losses import loss_class
 from edgepc.errors import EdgepcError
@@ -130,12 +130,20 @@ class ExportSection(Section):
 
 
 class LatencySection(Section):
-    """Batch-1 latency in the runtime: ``warmup`` untimed calls, then ``iterations`` timed ones,
-    once per thread count."""
+    """Batch-1 latency in the runtime: ``warmup`` untimed calls, then ``iterations`` timed ones
+    per thread count, spread over ``rounds`` rounds that interleave every bundle (so that int8
+    and its fp32 sibling are timed under the same load)."""
 
     warmup: int = Field(20, ge=0)
     iterations: int = Field(300, ge=2)
     threads: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    rounds: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _enough_iterations(self) -> LatencySection:
+        if self.iterations < self.rounds:
+            raise ValueError(f"iterations ({self.iterations}) < rounds ({self.rounds})")
+        return self
 
 
 class ValidateSection(Section):

@@ -33,8 +33,8 @@ from edgepc.export.parity import parity, parity_table, violations
 from edgepc.export.runtimes import normalise, open_runtime
 from edgepc.export.writers import ExportError
 from edgepc.files import write_text
-from edgepc.measure import latency
-from edgepc.pipelines.config import PipelineConfig
+from edgepc.measure import interleaved_latency
+from edgepc.pipelines.config import LatencySection, PipelineConfig
 from edgepc.pipelines.plots import plot_validation
 from edgepc.pipelines.stages import StageContext, StageResult, build_student, prepare_data
 from edgepc.quant import convert, restore
@@ -128,43 +128,67 @@ def _key(bundle: str, target: str) -> str:
     return bundle.removeprefix(f"{target}-").replace("-", "_")
 
 
-def validate_bundle(
-    folder: Path, threads: list[int], warmup: int, iterations: int, progress: bool = False
-) -> dict[str, float]:
+def validate_bundle(folder: Path, threads: int = 1, progress: bool = False) -> dict[str, float]:
     """One bundle in its runtime: top-1 on its whole test set, pc_* of its embeddings vs the
-    teacher's, batch-1 latency per thread count (``p50_ms_1t`` ...), size on disk."""
+    teacher's, size on disk."""
     manifest = read_manifest(folder)
     with np.load(folder / manifest.testset) as test:
         images, labels, teacher = test["images"], test["labels"], test["teacher_embeddings"]
     norm = manifest.normalisation
     x = normalise(images, norm.mean, norm.std)
-    model = folder / manifest.model
-    runtime = open_runtime(model, max(threads))
+    runtime = open_runtime(folder / manifest.model, threads)
     logits, embeddings = runtime.predict(x, progress=progress, desc=manifest.name)
     n = len(teacher)
     pc = coherence_metrics(torch.from_numpy(embeddings[:n]).double(),
                            torch.from_numpy(teacher).double())  # fmt: skip
     row = {"test_top1": float((logits.argmax(1) == labels).mean())}
     row |= {f"test_{k}": v for k, v in pc.as_dict().items()}
-    for count in threads:
-        timed = latency(partial(open_runtime(model, count).run, x[:1]), warmup, iterations)
-        row |= {f"{k}_{count}t": v for k, v in timed.as_dict().items() if k.endswith("ms")}
-        row[f"throughput_{count}t"] = timed.throughput
     row["size_mb"] = manifest.entry(manifest.model).bytes / 2**20
     return row
+
+
+def time_bundles(folders: list[Path], section: LatencySection) -> dict[str, dict[str, float]]:
+    """Batch-1 latency of every bundle at every thread count, interleaved in one run
+    (``p50_ms_1t``, ``p99_ms_1t``, ``throughput_1t`` ...), keyed by bundle name."""
+    runs = {}
+    for folder in folders:
+        manifest = read_manifest(folder)
+        with np.load(folder / manifest.testset) as test:
+            image = test["images"][:1]
+        x = normalise(image, manifest.normalisation.mean, manifest.normalisation.std)
+        for count in section.threads:
+            runtime = open_runtime(folder / manifest.model, count)
+            runs[manifest.name, count] = partial(runtime.run, x)
+    timed = interleaved_latency(runs, section.warmup, section.iterations, section.rounds)
+    rows: dict[str, dict[str, float]] = {}
+    for (name, count), result in timed.items():
+        row = rows.setdefault(name, {})
+        row |= {f"{k}_{count}t": v for k, v in result.as_dict().items() if k.endswith("ms")}
+        row[f"throughput_{count}t"] = result.throughput
+    return rows
+
+
+def speed_ratios(rows: dict[str, dict[str, float]], target: str, threads: list[int]) -> None:
+    """Add ``speed_vs_fp32_Nt`` (fp32 p50 / p50: above 1 is faster) to each row, in place."""
+    fp32 = rows.get(f"{target}-fp32")
+    for row in rows.values():
+        for count in threads if fp32 is not None else ():
+            row[f"speed_vs_fp32_{count}t"] = fp32[f"p50_ms_{count}t"] / row[f"p50_ms_{count}t"]
 
 
 def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
     export_dir, export = upstream["export"]
     fp32_top1 = upstream["distill"][1].metrics["test_top1"]
     section, target = config.validation, config.target
+    threads = section.latency.threads
     rows = {}
     for name in tqdm(export.facts["bundles"], desc="validate", disable=not ctx.progress):
-        rows[name] = validate_bundle(export_dir / name, section.latency.threads,
-                                     section.latency.warmup, section.latency.iterations,
-                                     ctx.progress)  # fmt: skip
+        rows[name] = validate_bundle(export_dir / name, max(threads), ctx.progress)
         rows[name]["drop_points"] = 100 * (fp32_top1 - rows[name]["test_top1"])
-    threads = section.latency.threads
+    folders = [export_dir / name for name in rows]
+    for name, timing in time_bundles(folders, section.latency).items():
+        rows[name] |= timing
+    speed_ratios(rows, target, threads)
     table = validation_table(rows, fp32_top1, threads, section.max_drop)
     if target == "jetson":
         table += (
@@ -193,21 +217,34 @@ def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) ->
 def validation_table(
     rows: dict[str, dict[str, float]], fp32_top1: float, threads: list[int], max_drop: float
 ) -> str:
-    """Markdown: per artifact top-1, its drop vs the fp32 student, coherence, latency, size."""
-    timing = " | ".join(f"p50 / p99 ms ({t} thr)" for t in threads)
+    """Markdown: per artifact top-1, its drop vs the fp32 student, coherence, latency and its
+    speed against the fp32 artifact (same run, interleaved), size; then, plainly, every int8
+    artifact that is slower than fp32."""
+    timing = " | ".join(f"p50 / p99 ms ({t} thr) | speed vs fp32 ({t} thr)" for t in threads)
     lines = [
         f"fp32 PyTorch student: top-1 {fp32_top1:.4f}; gate: drop ≤ {max_drop} points",
         "",
         f"| artifact | top-1 | drop (points) | triplet agreement vs teacher | {timing} | MB |",
-        "|---|---|---|---|" + "---|" * len(threads) + "---|",
+        "|---|---|---|---|" + "---|---|" * len(threads) + "---|",
     ]
+    slower = []
     for name, row in rows.items():
-        times = " | ".join(f"{row[f'p50_ms_{t}t']:.3f} / {row[f'p99_ms_{t}t']:.3f}"
-                           for t in threads)  # fmt: skip
+        cells = []
+        for t in threads:
+            speed = row.get(f"speed_vs_fp32_{t}t")
+            cells += [f"{row[f'p50_ms_{t}t']:.3f} / {row[f'p99_ms_{t}t']:.3f}",
+                      "—" if speed is None else f"{speed:.2f}×"]  # fmt: skip
+            if speed is not None and speed < 1.0 and "int8" in name:
+                slower.append(f"{name} at {t} thread{'s' * (t > 1)} ({speed:.2f}×)")
         lines.append(
             f"| {name} | {row['test_top1']:.4f} | {row['drop_points']:+.2f} | "
-            f"{row['test_pc_triplet_agreement']:.4f} | {times} | {row['size_mb']:.3f} |"
+            f"{row['test_pc_triplet_agreement']:.4f} | {' | '.join(cells)} | "
+            f"{row['size_mb']:.3f} |"
         )
+    if slower:
+        lines += ["", f"**int8 is slower than fp32 here**: {', '.join(slower)}."]
+    elif any("int8" in name for name in rows) and any("fp32" in name for name in rows):
+        lines += ["", "Every int8 artifact is faster than its fp32 sibling at every thread count."]
     return "\n".join(lines) + "\n"
 
 

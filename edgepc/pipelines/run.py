@@ -43,6 +43,7 @@ KEY_METRICS = (
     "int8_test_top1",
     "int8_drop_points",
     "int8_p50_ms_1t",
+    "int8_speed_vs_fp32_1t",
     "int8_version",
 )
 

@@ -17,10 +17,10 @@ import torch
 
 from edgepc.data import channel_stats, fingerprint, load_dataset, make_splits
 from edgepc.data.datasets import ImageDataset
-from edgepc.distill.evaluate import evaluate_embeddings, linear_probe, predict
+from edgepc.distill.evaluate import better_than_chance, evaluate_embeddings, linear_probe, predict
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
-from edgepc.errors import ModelError
+from edgepc.errors import ModelError, TrainingError
 from edgepc.files import write_text
 from edgepc.models import EmbeddingModel, build_model
 from edgepc.pipelines.config import PipelineConfig, TrainSection
@@ -258,8 +258,25 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
             probe,
         )
         metrics |= {f"{part}_{k}": v for k, v in scores.items()}
+    _check_learned(config, metrics, len(prepared.val), len(data.facts["classes"]))
     files = {"model": "student.pt", "curves": "curves.png"}
     return StageResult(metrics, files, {"embedding_dim": bank.shape[1]})
+
+
+def _check_learned(config: PipelineConfig, metrics: dict, n: int, classes: int) -> None:
+    """Stop after distill when the student is no better than chance on the validation split
+    (its classifier's top-1; kNN top-1 of its embeddings when it is trained without labels):
+    quantizing, exporting and validating it would spend minutes on nothing."""
+    section = config.distill
+    key = "val_top1" if section.train.alpha > 0 else "val_knn_top1"
+    if not better_than_chance(metrics[key], n, classes):
+        train = section.train
+        raise TrainingError(
+            f"the distilled student {section.student} is no better than chance: {key} "
+            f"{metrics[key]:.3f} on {n} validation images, chance {1 / classes:.3f}. It did not "
+            f"learn in {train.epochs} epochs at lr {train.lr} on {metrics['train_size']} images: "
+            "raise distill.train.epochs or distill.train.lr, or pick a smaller distill.student"
+        )
 
 
 def build_student(
