@@ -5,6 +5,7 @@ import operator
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgepc.coherence import perception_coherence_loss
@@ -253,3 +254,26 @@ def test_train_and_eval_of_a_quant_model_trace_their_patterns_once(data, models,
     assert len(traced) == seen  # the second switch traced nothing
     assert set(quant_model._PATTERNS) == kept
     assert all(torch.equal(u, v) for u, v in zip(first, again, strict=True))
+
+
+def test_patterns_of_convs_the_recipes_refuse_are_not_traced(data, models):
+    """torchao's conv1d / transposed-conv patterns get a pattern that matches nothing: those
+    layers never reach a prepared graph (check_supported refuses them), and the pattern indeed
+    matches nothing in a real one."""
+    from torch.fx.subgraph_rewriter import replace_pattern_with_filters
+    from torchao.quantization.pt2e import utils
+
+    from edgepc.quant import model as quant_model
+
+    for layer in (nn.Conv1d(1, 4, 3), nn.ConvTranspose1d(1, 4, 3), nn.ConvTranspose2d(1, 4, 3)):
+        with pytest.raises(QuantError, match="has no int8 kernel"):
+            check_supported(nn.Sequential(layer), "cpu")
+    assert set(quant_model._ABSENT_CONVS) == {F.conv1d, F.conv_transpose1d, F.conv_transpose2d}
+    x, _, _, _, norm = data
+    real = utils._get_aten_graph_module_for_pattern
+    graph = prepare(models[1], "cpu", norm.apply(x[:8])).graph
+    assert utils._get_aten_graph_module_for_pattern is real  # swapped only inside prepare
+    before = graph.code
+    nothing = quant_model._matches_nothing()
+    assert replace_pattern_with_filters(graph, nothing, nothing, ignore_literals=True) == []
+    assert graph.code == before

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.export import Dim
 
@@ -145,6 +146,20 @@ def convert(model: QuantModel) -> torch.fx.GraphModule:
 _PATTERNS: dict[tuple, torch.fx.GraphModule] = {}
 
 
+# torchao also rewrites conv1d and transposed-conv patterns (72 of the 96 it traces per
+# convert), which cannot occur here: check_supported refuses those layers. They are given a
+# pattern that matches nothing, which is what tracing them would amount to.
+_ABSENT_CONVS = (F.conv1d, F.conv_transpose1d, F.conv_transpose2d)
+
+
+def _matches_nothing() -> torch.fx.GraphModule:
+    """A pattern graph of one op that no prepared graph holds (see ``_ABSENT_CONVS``)."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.ops.aten.conv_transpose1d.default, (x, x)))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
 @contextlib.contextmanager
 def _memoised_patterns() -> Iterator[None]:
     from torchao.quantization.pt2e import qat_utils, utils
@@ -152,6 +167,8 @@ def _memoised_patterns() -> Iterator[None]:
     trace = utils._get_aten_graph_module_for_pattern
 
     def memoised(pattern: Callable, example_inputs: tuple, is_cuda: bool = False, **kwargs: Any):
+        if any(any(v is conv for conv in _ABSENT_CONVS) for v in _closed_over(pattern)):
+            return _matches_nothing()
         key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
         if key is None:
             return trace(pattern, example_inputs, is_cuda, **kwargs)
@@ -168,6 +185,12 @@ def _memoised_patterns() -> Iterator[None]:
         utils._get_aten_graph_module_for_pattern = trace
 
 
+def _closed_over(pattern: Callable) -> tuple:
+    """The values a pattern function closes over (torchao wraps some in a WrapperModule)."""
+    fn = getattr(pattern, "fn", pattern)
+    return tuple(c.cell_contents for c in getattr(fn, "__closure__", None) or ())
+
+
 def _pattern_key(pattern: Callable, inputs: tuple, is_cuda: bool, kwargs: dict) -> tuple | None:
     """What a traced pattern depends on: its code, the values it closes over (flags, the conv
     function) and the shapes and dtypes of its inputs; None when something is not hashable."""
@@ -175,11 +198,10 @@ def _pattern_key(pattern: Callable, inputs: tuple, is_cuda: bool, kwargs: dict) 
     def shape(value: object) -> object:
         return (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else value
 
-    fn = getattr(pattern, "fn", pattern)  # torchao wraps some patterns in a WrapperModule
+    fn = getattr(pattern, "fn", pattern)
     if not hasattr(fn, "__code__"):
         return None
-    cells = tuple(c.cell_contents for c in fn.__closure__ or ())
-    key = (type(pattern), fn.__code__, cells, tuple(map(shape, inputs)), is_cuda,
+    key = (type(pattern), fn.__code__, _closed_over(pattern), tuple(map(shape, inputs)), is_cuda,
            tuple(sorted((k, shape(v)) for k, v in kwargs.items())))  # fmt: skip
     try:
         hash(key)
