@@ -250,3 +250,14 @@ def test_bad_teacher_checkpoint_is_a_model_error(tmp_path, store, content, messa
         run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
     failed = store.client.search_runs([store.experiment_id], "attributes.status = 'FAILED'")
     assert {r.data.tags.get("edgepc.stage") for r in failed} >= {"teacher"}
+
+
+def test_an_option_added_later_leaves_stage_keys_alone_at_its_default():
+    from edgepc.pipelines.runner import _key_content, stage_keys
+
+    assert _key_content({"train": {"recalibrate_bn": False, "lr": 0.1}}) == {"train": {"lr": 0.1}}
+    assert _key_content({"train": {"recalibrate_bn": True}}) == {"train": {"recalibrate_bn": True}}
+    base = stage_keys(load_config("cpu"))
+    on = stage_keys(load_config("cpu", overrides=["distill.train.recalibrate_bn=true"]))
+    assert on["teacher"] == base["teacher"]
+    assert on["distill"] != base["distill"]

@@ -5,7 +5,13 @@ import torch
 
 from edgepc.distill.evaluate import evaluate_embeddings, knn_top1, predict, top1
 from edgepc.distill.images import Normalisation, augment
-from edgepc.distill.trainer import TrainConfig, atomic_save, load_checkpoint, train
+from edgepc.distill.trainer import (
+    TrainConfig,
+    atomic_save,
+    load_checkpoint,
+    recalibrate_batch_norm,
+    train,
+)
 from edgepc.errors import TrainingError
 from edgepc.models import build_model
 
@@ -154,3 +160,21 @@ def test_augment_keeps_shape_and_is_seeded():
     b = augment(images, torch.Generator().manual_seed(0))
     assert a.shape == images.shape
     assert torch.equal(a, b)
+
+
+def test_recalibrated_batch_norm_holds_the_statistics_of_the_final_weights():
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(1, 4, 3, bias=False), torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(conv, bn).eval()
+    bn.running_mean.fill_(5.0)  # stale statistics
+    bn.running_var.fill_(9.0)
+    images = torch.randint(0, 256, (96, 1, 8, 8), dtype=torch.uint8)
+    norm = Normalisation((0.5,), (0.25,))
+    recalibrate_batch_norm(model, images, norm, torch.device("cpu"), batch_size=32)
+    with torch.no_grad():
+        features = conv(norm.apply(images))
+    # three equal batches: the average of their means is the mean of all
+    assert torch.allclose(bn.running_mean, features.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, features.var((0, 2, 3)), rtol=0.05)
+    assert bn.momentum == 0.1  # restored, and the model back in eval mode
+    assert not model.training

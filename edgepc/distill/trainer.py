@@ -62,6 +62,7 @@ class TrainConfig:
     pc: dict[str, object] = field(default_factory=dict)
     baselines: dict[str, dict[str, object]] = field(default_factory=dict)
     augment: bool = False
+    recalibrate_bn: bool = False  # batch-norm statistics recomputed with the final weights
     seed: int = 0
 
 
@@ -299,4 +300,21 @@ def train(
             )
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
+    if config.recalibrate_bn:
+        recalibrate_batch_norm(model, images, norm, device, config.batch_size)
     return history
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    model: nn.Module, images: Tensor, norm: Normalisation, device: torch.device, batch_size: int
+) -> None:
+    """Recompute every batch norm's running statistics with the final weights: a cumulative
+    average over ``images`` (unaugmented). After a short training the running averages lag
+    weights that moved under them, and the eval-mode model can score at chance while the
+    train-mode one has learned (MobileNetV2-0.5 after 48 steps: 0.09 vs 0.66 top-1)."""
+    from torch.optim.swa_utils import update_bn
+
+    batches = (norm.apply(images[i : i + batch_size].to(device))
+               for i in range(0, len(images), batch_size))  # fmt: skip
+    update_bn(batches, model)

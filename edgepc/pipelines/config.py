@@ -51,6 +51,7 @@ class TrainSection(Section):
     pc: PCSection = PCSection()
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     augment: bool = False
+    recalibrate_bn: bool = False  # recompute batch-norm statistics after training (short runs)
 
     @field_validator("baselines")
     @classmethod

@@ -88,8 +88,20 @@ def default_cache() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / ".edgepc-cache"
 
 
+# Options added after keys were first recorded: at their default they are left out of the key,
+# so that caches and the study's recorded runs stay valid.
+KEY_NEUTRAL_DEFAULTS = {"recalibrate_bn": False}
+
+
+def _key_content(value: object) -> object:
+    if not isinstance(value, dict):
+        return value
+    neutral = KEY_NEUTRAL_DEFAULTS
+    return {k: _key_content(v) for k, v in value.items() if k not in neutral or v != neutral[k]}
+
+
 def stage_key(stage: Stage, config: PipelineConfig, upstream_keys: list[str]) -> str:
-    dumped = config.model_dump(mode="json")
+    dumped = _key_content(config.model_dump(mode="json"))
     content = {
         "stage": stage.name,
         "config": {s: dumped[s] for s in stage.sections},

@@ -30,7 +30,11 @@ from edgepc.errors import QuantError
 
 if TYPE_CHECKING:
     from torch.fx import GraphModule, Node
-    from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation,
+        QuantizationSpec,
+        Quantizer,
+    )
 
 
 @dataclass(frozen=True)
@@ -160,70 +164,64 @@ def _sole_user(node: Node, targets: set) -> Node | None:
     return None
 
 
-def _edge_quantizer(recipe: Recipe, qat: bool) -> Quantizer:
-    from torchao.quantization.pt2e.quantizer import (
-        QuantizationAnnotation,
-        Quantizer,
-        SharedQuantizationSpec,
-    )
-
-    activation, weight = _specs(recipe, qat)
+def annotate(graph: torch.fx.Graph, activation: QuantizationSpec, weight: QuantizationSpec) -> None:
+    """Mark where ``graph`` (an exported student) is quantized, as PT2E annotations, in place."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 
     def mark(node: Node, inputs: dict | None = None, output: object = None) -> None:
         node.meta["quantization_annotation"] = QuantizationAnnotation(
             input_qspec_map=inputs or {}, output_qspec=output, _annotated=True
         )
 
-    def annotated(node: Node) -> bool:
-        annotation = node.meta.get("quantization_annotation")
-        return annotation is not None and annotation._annotated
+    def annotation(node: Node) -> QuantizationAnnotation | None:
+        return node.meta.get("quantization_annotation")
 
-    def quantized(node: Node) -> bool:
-        annotation = node.meta.get("quantization_annotation")
-        return annotation is not None and annotation.output_qspec is not None
-
-    def tail(node: Node, groups: tuple[set, ...]) -> Node:
-        """The last node of ``node``'s fused group: its batch norm, then its ReLU / ReLU6."""
-        for follow in groups:
-            nxt = _sole_user(node, follow)
-            if nxt is not None and not annotated(nxt):
+    def group(node: Node, inputs: dict, follow: tuple[set, ...]) -> None:
+        """``node`` with the ops fused into it (its batch norm, then its ReLU / ReLU6):
+        quantized inputs, one quantized output after the last of them."""
+        mark(node, inputs)
+        for kinds in follow:
+            nxt = _sole_user(node, kinds)
+            if nxt is not None and annotation(nxt) is None:
                 mark(nxt)
                 node = nxt
-        return node
+        annotation(node).output_qspec = activation
+
+    def quantized(node: Node) -> bool:
+        return annotation(node) is not None and annotation(node).output_qspec is not None
+
+    for node in graph.nodes:
+        if node.op != "call_function" or annotation(node) is not None:
+            continue
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if node.target in WEIGHTED:
+            group(node, {args[0]: activation, args[1]: weight}, (NORMS, CLAMPS))
+        elif node.target in ADDS and len(args) == 2:  # not a batch norm's counter += 1
+            group(node, {a: activation for a in args}, (CLAMPS,))
+        elif node.target is aten.cat.default:
+            mark(node, {a: activation for a in node.args[0]}, activation)
+        elif node.target in KEEP_SCALE and quantized(args[0]):
+            mark(node, {args[0]: activation}, SharedQuantizationSpec((args[0], node)))
+        elif node.target in SPLITS and quantized(args[0]):  # int8 in, int8 parts out
+            mark(node, {args[0]: activation})
+            for part in node.users:
+                mark(part, {}, SharedQuantizationSpec((args[0], node)))
+        elif node.target in AVERAGES and quantized(args[0]):
+            mark(node, {args[0]: activation}, activation)
+
+
+def quantizer(target: str, qat: bool) -> Quantizer:
+    """The PT2E quantizer of ``target`` (fake-quant modules for QAT, observers for PTQ)."""
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    activation, weight = _specs(recipe(target), qat)
 
     class EdgeQuantizer(Quantizer):
         def annotate(self, model: GraphModule) -> GraphModule:
-            for node in model.graph.nodes:
-                if node.op != "call_function" or annotated(node):
-                    continue
-                args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-                if node.target in WEIGHTED:
-                    mark(node, {args[0]: activation, args[1]: weight})
-                    end = tail(node, (NORMS, CLAMPS))
-                    mark(end, end.meta["quantization_annotation"].input_qspec_map, activation)
-                elif node.target in ADDS and len(args) == 2:  # not a buffer's counter += 1
-                    mark(node, {a: activation for a in args})
-                    end = tail(node, (CLAMPS,))
-                    mark(end, end.meta["quantization_annotation"].input_qspec_map, activation)
-                elif node.target is aten.cat.default:
-                    mark(node, {a: activation for a in node.args[0]}, activation)
-                elif node.target in KEEP_SCALE and args and quantized(args[0]):
-                    source = args[0]
-                    mark(node, {source: activation}, SharedQuantizationSpec((source, node)))
-                elif node.target in SPLITS and quantized(args[0]):  # int8 in, int8 parts out
-                    mark(node, {args[0]: activation})
-                    for part in node.users:
-                        mark(part, {}, SharedQuantizationSpec((args[0], node)))
-                elif node.target in AVERAGES and args and quantized(args[0]):
-                    mark(node, {args[0]: activation}, activation)
+            annotate(model.graph, activation, weight)
             return model
 
         def validate(self, model: GraphModule) -> None:
             pass
 
     return EdgeQuantizer()
-
-
-def quantizer(target: str, qat: bool) -> Quantizer:
-    """The PT2E quantizer of ``target`` (fake-quant modules for QAT, observers for PTQ)."""
-    return _edge_quantizer(recipe(target), qat)
