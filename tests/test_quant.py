@@ -277,3 +277,27 @@ def test_patterns_of_convs_the_recipes_refuse_are_not_traced(data, models):
     nothing = quant_model._matches_nothing()
     assert replace_pattern_with_filters(graph, nothing, nothing, ignore_literals=True) == []
     assert graph.code == before
+
+
+@pytest.mark.parametrize("target", ["cpu", "mobile", "jetson"])
+def test_int8_graph_adds_the_bias_its_runtime_adds(setup, target):
+    """onnxruntime and LiteRT add each conv / linear bias as int32 in units of input scale ×
+    weight scale: the int8 graphs of those targets hold the biases on that grid."""
+    _, int8, *_ = setup
+    graph, decomposed = int8[target], torch.ops.quantized_decomposed
+    checked = 0
+    for node in graph.graph.nodes:
+        if node.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+            continue
+        x, w, b = node.args[:3]
+        assert x.target == decomposed.dequantize_per_tensor.default
+        assert w.target == decomposed.dequantize_per_channel.default
+        step = float(x.args[1]) * operator.attrgetter(w.args[1].target)(graph).double()
+        units = operator.attrgetter(b.target)(graph).double() / step
+        off_grid = (units - units.round()).abs().max().item()
+        if target == "jetson":  # TensorRT: the float bias as trained
+            assert off_grid > 0.1
+        else:
+            assert off_grid < 0.01  # float32 storage of up to ~10⁴ units
+        checked += 1
+    assert checked == 5  # 3 convs and 2 linears

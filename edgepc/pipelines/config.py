@@ -136,9 +136,9 @@ class LatencySection(Section):
     and its fp32 sibling are timed under the same load)."""
 
     warmup: int = Field(20, ge=0)
-    iterations: int = Field(300, ge=2)
+    iterations: int = Field(2000, ge=2)
     threads: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _enough_iterations(self) -> LatencySection:
