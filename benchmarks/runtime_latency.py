@@ -8,8 +8,8 @@ EXPORT_DIR is an export stage's folder (the pipeline's summary prints it: ``bund
 or one bundle. Every bundle is timed with the validate stage's timer (:func:`edgepc.measure.
 interleaved_latency`) in ``rounds`` interleaved rounds of ``iterations`` calls (fp32, int8, fp32,
 int8, ...) so that a slow spell of a shared machine hits both; percentiles are over all calls,
-and the speed-up is fp32 p50 / int8 p50 of the same target and thread count. Writes ``runtime_latency-TAG.json``
-and ``.md``.
+and the speed-up is fp32 p50 / int8 p50 of the same target and thread count. Writes
+``runtime_latency-TAG.json`` and ``.md``.
 """
 
 from __future__ import annotations

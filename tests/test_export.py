@@ -182,7 +182,8 @@ def test_validate_measures_the_bundles_and_the_gate_fails_clearly(tmp_path, setu
     assert row["size_mb"] == (folder / manifests[1].model).stat().st_size / 2**20
     from edgepc.pipelines.config import load_config
 
-    config = load_config("cpu", overrides=["validation.latency={warmup: 1, iterations: 6}"])
+    latency = "validation.latency={warmup: 1, iterations: 6, rounds: 3}"
+    config = load_config("cpu", overrides=[latency])
     export = (tmp_path, StageResult(facts={"bundles": [m.name for m in manifests]}))
     ctx = StageContext(tmp_path / "validate", CPU, lambda m, s: None, False)
     ctx.workdir.mkdir()
