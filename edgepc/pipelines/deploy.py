@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -188,12 +186,7 @@ def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) ->
         rows[name] = validate_bundle(export_dir / name, max(threads), ctx.progress)
         rows[name]["drop_points"] = 100 * (fp32_top1 - rows[name]["test_top1"])
     folders = [export_dir / name for name in rows]
-    # A fresh process: in this one, the training stages' thread pools slowed the runtimes' kernels
-    # unevenly (ShuffleNet int8 timed 0.97× fp32 here, 1.19× in a fresh process).
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as fresh:
-        timings = fresh.submit(time_bundles, folders, section.latency).result()
-    for name, timing in timings.items():
+    for name, timing in time_bundles(folders, section.latency).items():
         rows[name] |= timing
     speed_ratios(rows, target, threads)
     table = validation_table(rows, fp32_top1, threads, section.max_drop)
