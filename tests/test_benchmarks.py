@@ -74,6 +74,7 @@ def test_full_profile_runs_its_students_at_tiny_sizes(tmp_path):
     tiny = ["data.train_limit=300", "teacher.model=tiny_cnn",
             "teacher.train={epochs: 1, batch_size: 64, lr: 0.003, augment: true}",
             "distill.student=tiny_cnn", "distill.train.epochs=1", "distill.train.batch_size=64",
+            "distill.train.lr=0.003", "distill.train.recalibrate_bn=true",
             "distill.pc_eval_limit=200"]  # fmt: skip
     args = ["--work", str(tmp_path / "work"), "--out", str(tmp_path), *tiny]
     assert script("full_profile").main(args) == 0
