@@ -18,16 +18,13 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 from edgepc.export.bundle import MANIFEST, read_manifest
-from edgepc.export.runtimes import normalise, open_runtime
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
-from edgepc.measure import interleaved_latency
+from edgepc.pipelines.config import LatencySection
+from edgepc.pipelines.deploy import time_bundles
 
 
 def bundles(paths: list[Path]) -> list[Path]:
@@ -43,28 +40,21 @@ def bundles(paths: list[Path]) -> list[Path]:
 def measure(
     folders: list[Path], threads: list[int], rounds: int, warmup: int, iterations: int
 ) -> dict[str, dict]:
-    """{bundle: {"size_mb", "target", "precision", "p50_ms_Nt", "p99_ms_Nt", ...}}."""
+    """{bundle: {"size_mb", "target", "precision", "p50_ms_Nt", "p99_ms_Nt", ...}}: the validate
+    stage's timer (``iterations`` calls per round)."""
+    section = LatencySection(warmup=warmup, iterations=iterations * rounds, threads=threads,
+                             rounds=rounds)  # fmt: skip
+    timed = time_bundles(folders, section)
     results: dict[str, dict] = {}
-    runners = {}
     for folder in folders:
         manifest = read_manifest(folder)
-        with np.load(folder / manifest.testset) as test:
-            image = normalise(test["images"][:1], manifest.normalisation.mean,
-                              manifest.normalisation.std)  # fmt: skip
-        for count in threads:
-            runtime = open_runtime(folder / manifest.model, count)
-            runners[manifest.name, count] = partial(runtime.run, image)
         results[manifest.name] = {
             "target": manifest.target,
             "precision": manifest.precision,
             "source": manifest.source,
-            "runtime": runtime.name,
+            "runtime": manifest.runtime,
             "size_mb": manifest.entry(manifest.model).bytes / 2**20,
-        }
-    timed = interleaved_latency(runners, warmup, iterations * rounds, rounds)
-    for (name, count), result in timed.items():
-        for stat in ("p50_ms", "p90_ms", "p99_ms", "iterations"):
-            results[name][f"{stat}_{count}t"] = getattr(result, stat)
+        } | timed[manifest.name]
     return results
 
 

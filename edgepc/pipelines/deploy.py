@@ -163,7 +163,8 @@ def time_bundles(folders: list[Path], section: LatencySection) -> dict[str, dict
     rows: dict[str, dict[str, float]] = {}
     for (name, count), result in timed.items():
         row = rows.setdefault(name, {})
-        row |= {f"{k}_{count}t": v for k, v in result.as_dict().items() if k.endswith("ms")}
+        row |= {f"{k}_{count}t": v for k, v in result.as_dict().items()
+                if k.endswith("ms") or k == "iterations"}  # fmt: skip
         row[f"throughput_{count}t"] = result.throughput
     return rows
 
@@ -171,8 +172,10 @@ def time_bundles(folders: list[Path], section: LatencySection) -> dict[str, dict
 def speed_ratios(rows: dict[str, dict[str, float]], target: str, threads: list[int]) -> None:
     """Add ``speed_vs_fp32_Nt`` (fp32 p50 / p50: above 1 is faster) to each row, in place."""
     fp32 = rows.get(f"{target}-fp32")
+    if fp32 is None:
+        return
     for row in rows.values():
-        for count in threads if fp32 is not None else ():
+        for count in threads:
             row[f"speed_vs_fp32_{count}t"] = fp32[f"p50_ms_{count}t"] / row[f"p50_ms_{count}t"]
 
 
