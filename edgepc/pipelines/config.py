@@ -74,6 +74,8 @@ class DataSection(Section):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     calibration_size: int = Field(512, ge=0)
     train_limit: int | None = Field(None, ge=10)
+    # A seeded stratified subset of the test split that every stage evaluates on (None: all).
+    test_limit: int | None = Field(None, ge=10)
 
 
 class TeacherSection(Section):

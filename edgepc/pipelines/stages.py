@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from edgepc.data import channel_stats, fingerprint, load_dataset, make_splits
-from edgepc.data.datasets import ImageDataset
+from edgepc.data.datasets import ImageDataset, stratified_subset
 from edgepc.distill.evaluate import better_than_chance, evaluate_embeddings, linear_probe, predict
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
@@ -72,10 +72,21 @@ class PreparedData:
     norm: Normalisation
 
 
-def prepare_data(config: PipelineConfig, data: StageResult, workdir: Path) -> PreparedData:
-    """The dataset and the data stage's split, loaded again for a downstream stage."""
+def _load(config: PipelineConfig) -> ImageDataset:
+    """The configured dataset, its test part cut to ``data.test_limit`` (a seeded stratified
+    subset, the same in every stage)."""
     section = config.data
     dataset = load_dataset(section.dataset, Path(section.root) if section.root else None)
+    labels = dataset.test_labels
+    if section.test_limit is None or section.test_limit >= len(labels):
+        return dataset
+    keep = stratified_subset(labels, section.test_limit / len(labels), config.seed + 3)
+    return replace(dataset, test_images=dataset.test_images[keep], test_labels=labels[keep])
+
+
+def prepare_data(config: PipelineConfig, data: StageResult, workdir: Path) -> PreparedData:
+    """The dataset and the data stage's split, loaded again for a downstream stage."""
+    dataset = _load(config)
     splits = torch.load(workdir / data.files["splits"], weights_only=True)
     norm = Normalisation(tuple(data.facts["mean"]), tuple(data.facts["std"]))
     return PreparedData(dataset, splits["train"], splits["val"], splits["calibration"], norm)
@@ -83,7 +94,7 @@ def prepare_data(config: PipelineConfig, data: StageResult, workdir: Path) -> Pr
 
 def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
     section = config.data
-    dataset = load_dataset(section.dataset, Path(section.root) if section.root else None)
+    dataset = _load(config)
     splits = make_splits(
         dataset.train_labels,
         section.val_fraction,
