@@ -15,6 +15,7 @@ from edgepc.export.writers import ExportError
 from edgepc.pipelines.config import ConfigError, load_config, parse_override
 from edgepc.pipelines.run import main
 from edgepc.pipelines.runner import STAGES, run_pipeline
+from edgepc.pipelines.stages import load_data
 from edgepc.tracking import Tracker
 from tests.conftest import SMALL, mlflow_ui
 
@@ -71,6 +72,21 @@ def test_override_values_are_yaml():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a={x: 1}") == ("a", {"x": 1})
     assert parse_override("a=null") == ("a", None)
+
+
+def test_test_limit_is_a_seeded_stratified_subset_that_every_stage_reads(small):
+    def test_part(*overrides: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = load_data(load_config("cpu", overrides=list(overrides)))
+        return dataset.test_images, dataset.test_labels
+
+    assert len(test_part()[1]) == 10_000  # default: the whole test split
+    images, labels = test_part("data.test_limit=1000")
+    assert torch.bincount(labels).tolist() == [100] * 10  # stratified
+    assert torch.equal(images, test_part("data.test_limit=1000")[0])  # seeded
+    assert not torch.equal(images, test_part("data.test_limit=1000", "seed=1")[0])
+    assert small.result("data")["metrics"]["test_size"] == 1000  # SMALL: 1,000 in every stage
+    outputs = torch.load(next(small.cache.glob("teacher-*/teacher_outputs.pt")))
+    assert len(outputs["test"]["logits"]) == 1000
 
 
 def test_cache_hit_miss_and_invalidation(tmp_path, store, small):

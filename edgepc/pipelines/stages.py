@@ -72,7 +72,7 @@ class PreparedData:
     norm: Normalisation
 
 
-def _load(config: PipelineConfig) -> ImageDataset:
+def load_data(config: PipelineConfig) -> ImageDataset:
     """The configured dataset, its test part cut to ``data.test_limit`` (a seeded stratified
     subset, the same in every stage)."""
     section = config.data
@@ -86,7 +86,7 @@ def _load(config: PipelineConfig) -> ImageDataset:
 
 def prepare_data(config: PipelineConfig, data: StageResult, workdir: Path) -> PreparedData:
     """The dataset and the data stage's split, loaded again for a downstream stage."""
-    dataset = _load(config)
+    dataset = load_data(config)
     splits = torch.load(workdir / data.files["splits"], weights_only=True)
     norm = Normalisation(tuple(data.facts["mean"]), tuple(data.facts["std"]))
     return PreparedData(dataset, splits["train"], splits["val"], splits["calibration"], norm)
@@ -94,7 +94,7 @@ def prepare_data(config: PipelineConfig, data: StageResult, workdir: Path) -> Pr
 
 def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
     section = config.data
-    dataset = _load(config)
+    dataset = load_data(config)
     splits = make_splits(
         dataset.train_labels,
         section.val_fraction,
