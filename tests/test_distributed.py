@@ -51,7 +51,8 @@ def test_without_a_process_group_gathering_is_the_identity():
 
 
 TINY = [
-    "--until", "distill", "--no-progress", "data.train_limit=400", "teacher.model=tiny_cnn",
+    "--until", "distill", "--no-progress", "data.train_limit=400",
+    "data.test_limit=1000", "teacher.model=tiny_cnn",
     "teacher.train.epochs=1", "teacher.train.augment=false", "teacher.train.optimizer=sgd",
     "teacher.train.lr=0.05", "distill.student=tiny_cnn", "distill.train.epochs=2",
     "distill.train.optimizer=sgd", "distill.train.lr=0.02", "distill.train.alpha=1",
