@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgepc.distill.losses import build_loss, loss_class, loss_names, register_loss
+from edgepc.distill.losses.crd import crd_nce, other_indices
 from edgepc.distill.losses.dist import dist_loss
 from edgepc.distill.losses.kd import kd_loss
 from edgepc.distill.losses.pkt import pkt_loss
@@ -85,15 +86,59 @@ def test_dist_hand_case():
     assert dist_loss(s, t, temperature=2.0, inter_weight=0.0).item() == pytest.approx(4.0, abs=1e-6)
 
 
+def test_crd_nce_hand_case():
+    # One anchor, K = 1 negative, noise K/N = ½: -[ln(1.5 / 2) + ln(0.5 / 1)] = ln(8/3).
+    scores = torch.tensor([[1.5, 0.5]])
+    assert crd_nce(scores, n_data=2).item() == pytest.approx(math.log(8 / 3), rel=1e-6)
+
+
+def test_crd_hand_case_and_memory_update():
+    crd = build_loss("crd", student_dim=2, teacher_dim=2, n_data=2, feat_dim=2, k=2, tau=1.0)
+    with torch.no_grad():
+        for head in (crd.embed_s, crd.embed_t):
+            head.weight.copy_(torch.eye(2))
+            head.bias.zero_()
+        crd.memory_s.copy_(torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+        crd.memory_t.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    s, t = torch.tensor([[2.0, 0.0]], requires_grad=True), torch.tensor([[0.0, 3.0]])
+    value = crd(s, t, torch.tensor([0]))  # N = 2: both negatives are image 1
+    # student (1, 0) against the teacher memory: similarities (0, 1, 1) -> exp: 1, e, e, and
+    # Z = mean · N. Teacher (0, 1) against the student memory: 1, 1, 1 -> e, e, e; Z = 2e.
+    e = math.e
+    z_s = (1 + 2 * e) / 3 * 2
+    expected = crd_nce(torch.tensor([[1 / z_s, e / z_s, e / z_s]]), 2)
+    expected += crd_nce(torch.tensor([[0.5, 0.5, 0.5]]), 2)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert crd.z.tolist() == pytest.approx([z_s, 2 * e])
+    value.backward()
+    assert s.grad.abs().sum() > 0
+    assert crd.embed_s.weight.grad.abs().sum() > 0
+    # momentum ½ then unit length: image 0's rows move halfway to its new embeddings
+    half = math.sqrt(0.5)
+    assert crd.memory_s.flatten().tolist() == pytest.approx([half, half, 0.0, 1.0])
+    assert crd.memory_t.flatten().tolist() == pytest.approx([0.0, 1.0, 1.0, 0.0])
+    crd(s, t, torch.tensor([1]))
+    assert crd.z.tolist() == pytest.approx([z_s, 2 * e])  # Z is fixed after the first batch
+
+
+def test_crd_negatives_are_uniform_over_the_other_images():
+    torch.manual_seed(0)
+    index = torch.tensor([0, 3, 4])
+    drawn = other_indices(index, 20_000, 5)
+    assert (drawn != index[:, None]).all()
+    counts = torch.stack([torch.bincount(row, minlength=5) for row in drawn]).double()
+    others = counts[counts > 0].view(3, 4) / 20_000
+    assert torch.allclose(others, torch.full((3, 4), 0.25, dtype=torch.float64), atol=0.02)
+
+
 def test_registry_holds_every_method_with_its_inputs():
     assert loss_names() == sorted(
-        ["kd", "fitnet", "rkd_distance", "rkd_angle", "pkt", "sp", "dist", "pc"]
+        ["kd", "fitnet", "rkd_distance", "rkd_angle", "pkt", "sp", "dist", "pc", "crd"]
     )
     inputs = {name: loss_class(name).inputs for name in loss_names()}
     assert inputs["kd"] == inputs["dist"] == "logits"
-    assert {inputs[n] for n in ("fitnet", "rkd_distance", "rkd_angle", "pkt", "sp", "pc")} == {
-        "features"
-    }
+    feature_only = ("fitnet", "rkd_distance", "rkd_angle", "pkt", "sp", "crd", "pc")
+    assert {inputs[n] for n in feature_only} == {"features"}
 
 
 def test_pc_from_registry_is_the_coherence_loss():
@@ -117,7 +162,7 @@ def test_unknown_loss_names_the_closest():
         ValueError, match=r"unknown loss 'rkd_angel' \(did you mean 'rkd_angle'\?\)"
     ):
         build_loss("rkd_angel")
-    with pytest.raises(ValueError, match="unknown loss 'zzz': registered are dist, fitnet"):
+    with pytest.raises(ValueError, match="unknown loss 'zzz': registered are crd, dist, fitnet"):
         build_loss("zzz")
 
 

@@ -50,8 +50,9 @@ def test_training_on_labels_beats_chance_by_far(subset, teacher):
         TrainConfig(epochs=2, alpha=0.0, beta=1.0, lr=3e-3),
         TrainConfig(epochs=2, alpha=0.0, baselines={"fitnet": {"weight": 1.0}}, lr=3e-3),
         TrainConfig(epochs=1, alpha=1.0, beta=1.0, baselines={"kd": {"weight": 0.5}}),
+        TrainConfig(epochs=4, alpha=0.0, baselines={"crd": {"weight": 0.8, "k": 256}}, lr=3e-3),
     ],
-    ids=["pc-label-free", "fitnet-projector", "ce+pc+kd"],
+    ids=["pc-label-free", "fitnet-projector", "ce+pc+kd", "crd-memory-bank"],
 )
 def test_distillation_makes_the_student_more_coherent(subset, teacher, config):
     x, y, _, _, norm = subset

@@ -101,7 +101,9 @@ def load_checkpoint(path: Path) -> dict:
 class _Objective(nn.Module):
     """The weighted sum of the configured losses (holds the trainable ones, e.g. FitNet's)."""
 
-    def __init__(self, config: TrainConfig, student_dim: int, teacher_dim: int | None) -> None:
+    def __init__(
+        self, config: TrainConfig, student_dim: int, teacher_dim: int | None, n_data: int
+    ) -> None:
         super().__init__()
         self.alpha, self.beta, self.gamma = config.alpha, config.beta, config.gamma
         self.pc = PerceptionCoherenceLoss(**config.pc) if config.beta or config.gamma else None
@@ -110,7 +112,8 @@ class _Objective(nn.Module):
         for name, options in config.baselines.items():
             options = dict(options)
             self.weights[name] = float(options.pop("weight", 1.0))
-            loss = build_loss(name, **self._dims(name, options, student_dim, teacher_dim))
+            sizes = {"student_dim": student_dim, "teacher_dim": teacher_dim, "n_data": n_data}
+            loss = build_loss(name, **self._filled(name, options, sizes))
             self.baselines[name] = loss
         if not (self.alpha or self.pc is not None or self.baselines):
             raise TrainingError("nothing to train: alpha and beta are 0 and no baseline is set")
@@ -118,10 +121,11 @@ class _Objective(nn.Module):
             raise TrainingError("a distillation loss is configured but no teacher is given")
 
     @staticmethod
-    def _dims(name: str, options: dict, student_dim: int, teacher_dim: int | None) -> dict:
+    def _filled(name: str, options: dict, sizes: dict) -> dict:
+        """``options`` with the sizes the loss's constructor asks for (its heads' dimensions, the
+        number of training images for a memory bank)."""
         accepted = inspect.signature(loss_class(name)).parameters
-        filled = {"student_dim": student_dim, "teacher_dim": teacher_dim}
-        return {k: v for k, v in filled.items() if k in accepted} | options
+        return {k: v for k, v in sizes.items() if k in accepted} | options
 
     def forward(
         self,
@@ -130,7 +134,10 @@ class _Objective(nn.Module):
         labels: Tensor,
         teacher: TeacherTargets | None,
         reference: Tensor | None = None,
+        index: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """The weighted terms; ``index``: the batch's positions in the training set (for losses
+        whose ``forward`` takes it, e.g. CRD's memory bank)."""
         parts: dict[str, Tensor] = {}
         if self.alpha:
             parts["ce"] = self.alpha * F.cross_entropy(logits.float(), labels)
@@ -141,6 +148,8 @@ class _Objective(nn.Module):
         for name, loss in self.baselines.items():
             if loss.inputs == "logits":
                 value = loss(logits.float(), teacher.logits)
+            elif "index" in inspect.signature(loss.forward).parameters:
+                value = loss(embeddings.float(), teacher.embeddings, index)
             else:
                 value = loss(embeddings.float(), teacher.embeddings)
             parts[name] = self.weights[name] * value
@@ -192,7 +201,7 @@ def train(
         teacher_dim = cached.embeddings.shape[1]
     elif teacher is not None:
         teacher_dim = predict(teacher, images[:2], norm, device)[1].shape[1]
-    objective = _Objective(config, probe.shape[1], teacher_dim).to(device)
+    objective = _Objective(config, probe.shape[1], teacher_dim, len(images)).to(device)
     params = [*model.parameters(), *objective.parameters()]
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(
@@ -263,7 +272,7 @@ def train(
                 logits, embeddings = net(x)
             logits, embeddings = gather_with_grad(logits), gather_with_grad(embeddings)
             ref = reference[idx].to(device) if reference is not None else None
-            parts = objective(logits, embeddings, y, targets, ref)
+            parts = objective(logits, embeddings, y, targets, ref, idx)
             loss = sum(parts.values())
             if not torch.isfinite(loss):
                 raise TrainingError(
