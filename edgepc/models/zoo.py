@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 
 from edgepc.errors import ModelError
@@ -21,7 +20,9 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 def resnet18(num_classes: int, in_channels: int) -> nn.Module:
     """torchvision ResNet-18 with the small-image stem: 3×3 stride-1 conv, no max-pool."""
-    model = torchvision.models.resnet18(num_classes=num_classes)
+    from torchvision import models  # imported when used: it takes seconds
+
+    model = models.resnet18(num_classes=num_classes)
     model.conv1 = _conv3x3(in_channels, 64)
     model.maxpool = nn.Identity()
     return model
@@ -119,7 +120,9 @@ class CifarResNet(nn.Module):
 
 def mobilenet_v2(num_classes: int, in_channels: int, width: float) -> nn.Module:
     """torchvision MobileNetV2 at ``width``, first conv stride 1 for 28-32 px images."""
-    model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
+    from torchvision import models
+
+    model = models.mobilenet_v2(num_classes=num_classes, width_mult=width)
     first = model.features[0][0]
     model.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, 1, 1, bias=False)
     return model
@@ -127,7 +130,9 @@ def mobilenet_v2(num_classes: int, in_channels: int, width: float) -> nn.Module:
 
 def shufflenet_v2_x0_5(num_classes: int, in_channels: int) -> nn.Module:
     """torchvision ShuffleNetV2 0.5× with a stride-1 stem and no max-pool."""
-    model = torchvision.models.shufflenet_v2_x0_5(num_classes=num_classes)
+    from torchvision import models
+
+    model = models.shufflenet_v2_x0_5(num_classes=num_classes)
     model.conv1[0] = _conv3x3(in_channels, model.conv1[0].out_channels)
     model.maxpool = nn.Identity()
     return model
