@@ -41,7 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from edgepc import __version__
-from edgepc.distill.losses import loss_names
+from edgepc.distill.losses import loss_class, loss_names
 from edgepc.errors import EdgepcError
 from edgepc.files import save_figure, write_text
 from edgepc.hardware import cpu_name
@@ -165,20 +165,76 @@ class MissingRunError(Exception):
     """A run the store does not hold, met in read-only mode."""
 
 
-class Executor:
-    """Runs (or reads back from MLflow) the pipeline of a study run; counts what it trained,
-    and on which device each run trained. ``read_only``: never train, raise
-    :class:`MissingRunError` instead."""
+def run_key(study: Study, run: Run) -> tuple[str, str]:
+    """The cache keys of a study run's teacher and of its last stage: equal keys, equal
+    computation (config, code version and data)."""
+    until = "validate" if run.deploy else "distill"
+    keys = stage_keys(load_config(study.pipeline, overrides=run.overrides(study)))
+    return keys["teacher"], keys[until]
 
-    def __init__(self, study: Study, tracker: Tracker, cache: Path, read_only: bool) -> None:
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a committed records file (docs/RESULTS.json) holds, by each run's last-stage key."""
+
+    metrics: dict[str, dict[str, float]]  # by key
+    teachers: dict[str, float]  # teacher key -> the teacher's test top-1
+    device: str  # where the recorded runs trained
+    entries: list[tuple[str, dict]]  # each record as written, with its key
+
+    @classmethod
+    def none(cls) -> Recorded:
+        return cls({}, {}, "recorded", [])
+
+    @classmethod
+    def read(cls, path: Path) -> Recorded:
+        """The records of ``path`` (none if it does not exist), keyed with the study config they
+        were made with."""
+        if not path.exists():
+            return cls.none()
+        try:
+            raw = json.loads(path.read_text())
+            study = Study.model_validate(raw["study"])
+            metrics, teachers, entries = {}, {}, []
+            for record in [*raw["records"], *raw.get("kept", [])]:
+                teacher, key = run_key(study, Run(**record["run"]))
+                metrics[key] = record["metrics"]
+                teachers[teacher] = record["metrics"]["teacher.test_top1"]
+                entries.append((key, record))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"cannot read the study records {path}: {error}") from None
+        devices = list(raw.get("devices", {}))
+        device = devices[0] if len(devices) == 1 else "recorded"
+        return cls(metrics, teachers, device, entries)
+
+
+class TeacherMismatchError(EdgepcError):
+    """A teacher trained again here differs from the one the records were made with."""
+
+
+class Executor:
+    """Runs (or reads back from the committed records or MLflow) the pipeline of a study run;
+    counts what it trained, and on which device each run trained. ``read_only``: never train,
+    raise :class:`MissingRunError` instead."""
+
+    def __init__(
+        self, study: Study, tracker: Tracker, cache: Path, read_only: bool, recorded: Recorded
+    ) -> None:
         self.study, self.tracker, self.cache, self.read_only = study, tracker, cache, read_only
+        self.recorded = recorded
         self.trained = self.reused = 0
         self.devices: Counter[str] = Counter()
+        self.keys: set[str] = set()  # of every run this invocation met
 
     def __call__(self, run: Run) -> dict[str, float]:
         until = "validate" if run.deploy else "distill"
         config = load_config(self.study.pipeline, overrides=run.overrides(self.study))
         key = stage_keys(config)[until]
+        self.keys.add(key)
+        if key in self.recorded.metrics:
+            self.reused += 1
+            self.devices[self.recorded.device] += 1
+            return self.recorded.metrics[key]
         tags = {"edgepc.study": self.study.name, "edgepc.study.key": key}
         found = self.tracker.search({**tags, "edgepc.kind": "pipeline"}, finished=True)
         if found:
@@ -195,7 +251,25 @@ class Executor:
         self.trained += 1
         self.devices[report.device] += 1
         metrics = {f"{s.stage}.{k}": v for s in report.stages for k, v in s.metrics.items()}
+        self._same_teacher(stage_keys(config)["teacher"], metrics["teacher.test_top1"])
         return metrics | {f"{s.stage}.seconds": s.seconds for s in report.stages}
+
+    def _same_teacher(self, key: str, top1: float) -> None:
+        """New rows are comparable with recorded ones only if their teacher is the same: it is
+        rebuilt deterministically from the same config, and must score what it scored then."""
+        recorded = self.recorded.teachers.get(key)
+        if recorded is not None and recorded != top1:
+            raise TeacherMismatchError(
+                f"the teacher trained here scores test top-1 {top1:.4f}, the records were made "
+                f"with one that scored {recorded:.4f} (cache key {key[:12]}): new rows would be "
+                "compared against another teacher; train the study again from scratch "
+                "(--records none) or on the machine type the records name"
+            )
+
+    def kept(self) -> list[dict]:
+        """The recorded runs this invocation did not meet (another pair, method or grid), kept
+        in the records it writes so that a partial invocation loses nothing."""
+        return [record for key, record in self.recorded.entries if key not in self.keys]
 
 
 @dataclass
@@ -335,7 +409,7 @@ def method_table(study: Study, records: list[Record], pair: str, setting: str) -
     chosen = {r.run.method: r.run for r in final}
     metrics = _metric_for(setting)
     select = study.settings[setting].select
-    head = ["method", "chosen", f"val {select}", *(f"test {m}" for m in metrics),
+    head = ["method", "reads", "chosen", f"val {select}", *(f"test {m}" for m in metrics),
             "triplet agreement", "spearman", "train img/s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in study.methods:
@@ -343,7 +417,8 @@ def method_table(study: Study, records: list[Record], pair: str, setting: str) -
             continue
         s, run = rows[method], chosen[method]
         value = "—" if run.value is None else f"{run.knob.split('.')[-1]} = {run.value:g}"
-        cells = [method, value, str(s[f"val_{select}"]), *(str(s[f"test_{m}"]) for m in metrics),
+        cells = [method, reads(method), value, str(s[f"val_{select}"]),
+                 *(str(s[f"test_{m}"]) for m in metrics),
                  str(s["test_pc_triplet_agreement"]), str(s["test_pc_spearman"]),
                  f"{s['train_images_per_s'].mean:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -369,20 +444,37 @@ def grid_table(records: list[Record], pair: str, setting: str, select: str) -> s
     return "\n".join(lines)
 
 
+# What each method learns from besides the images: the protocol's grouping.
+FEATURES, LOGITS, LABELS = "feature-only", "teacher logits", "labels only"
+
+
+def reads(method: str) -> str:
+    """The signal a method transfers: the teacher's features only (FitNet, RKD, PKT, SP, CRD,
+    PC), its class logits (KD, DIST: a class signal even at α = 0), or labels (scratch)."""
+    if method == "scratch":
+        return LABELS
+    return FEATURES if loss_class(method).inputs == "features" else LOGITS
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best baseline of a group on one metric: its name and its statistic."""
+
+    method: str
+    stat: Stat
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """PC against the best baseline (not scratch) on one test metric of one pair and setting."""
+    """PC on one test metric of one pair and setting, against the best feature-only baseline
+    (the headline: methods that read what PC reads) and the best baseline of any signal."""
 
     metric: str
     rank: int  # PC's rank among every method, scratch included
     methods: int
-    best: str
-    best_stat: Stat
     pc: Stat
-
-    @property
-    def verdict(self) -> str:
-        return verdict(self.pc, self.best_stat)
+    feature_only: Best | None  # None: no feature-only baseline has every seed
+    overall: Best
 
 
 def compare(records: list[Record], pair: str, setting: str) -> list[Comparison]:
@@ -395,38 +487,65 @@ def compare(records: list[Record], pair: str, setting: str) -> list[Comparison]:
         others = {m: s[key] for m, s in rows.items() if m not in ("pc", "scratch")}
         if not others:
             continue
-        best = max(others, key=lambda m: others[m].mean)
         pc = rows["pc"][key]
         rank = 1 + sum(s[key].mean > pc.mean for m, s in rows.items() if m != "pc")
-        found.append(Comparison(metric, rank, len(rows), best, others[best], pc))
+        features = _best({m: s for m, s in others.items() if reads(m) == FEATURES})
+        found.append(Comparison(metric, rank, len(rows), pc, features, _best(others)))
     return found
+
+
+def _best(stats: dict[str, Stat]) -> Best | None:
+    top = max(stats, key=lambda m: stats[m].mean, default=None)
+    return None if top is None else Best(top, stats[top])
+
+
+def _against(c: Comparison, best: Best | None) -> str:
+    return "—" if best is None else f"{best.method} {best.stat}: {verdict(c.pc, best.stat)}"
 
 
 def reading(records: list[Record], pair: str, setting: str) -> list[str]:
     return [
-        f"- test {c.metric}: PC ranks {c.rank} of {c.methods}; against the best baseline "
-        f"({c.best}, {c.best_stat}) PC ({c.pc}) {c.verdict}."
+        f"- test {c.metric}: PC ({c.pc}) ranks {c.rank} of {c.methods}; against the best "
+        f"feature-only baseline {_against(c, c.feature_only)}; against the best of any signal "
+        f"{_against(c, c.overall)}."
         for c in compare(records, pair, setting)
     ]
 
 
+def _tally(verdicts: list[tuple[Stat, Stat]]) -> str:
+    words = Counter(outcome(pc, other) for pc, other in verdicts)
+    single = f"; {words['one seed']} have one seed" if words["one seed"] else ""
+    return (f"wins {words['wins']}, ties {words['tie']} and loses {words['loses']} of "
+            f"{len(verdicts)} verdicts{single}")  # fmt: skip
+
+
 def summary_table(study: Study, records: list[Record], pairs: list[str]) -> str:
-    """Every verdict of the report in one table, and their tally: where PC wins, ties or loses."""
+    """Every verdict of the report in one table, against the best feature-only baseline (the
+    headline) and against the best baseline of any signal, and their tallies per grouping."""
     found = [(pair, setting, c) for pair, setting in itertools.product(pairs, study.settings)
              for c in compare(records, pair, setting)]  # fmt: skip
     if not found:
         return ""
-    lines = ["| pair · setting | test metric | PC | best baseline | PC rank | verdict |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [
-        f"| {pair} · {setting.replace('_', '-')} | {c.metric} | {c.pc} | "
-        f"{c.best} {c.best_stat} | {c.rank} of {c.methods} | {c.verdict} |"
-        for pair, setting, c in found
-    ]
-    words = Counter(outcome(c.pc, c.best_stat) for *_, c in found)
-    single = f"; {words['one seed']} have one seed" if words["one seed"] else ""
-    lines += ["", f"PC wins {words['wins']}, ties {words['tie']} and loses {words['loses']} "
-              f"of these {len(found)} verdicts{single}."]  # fmt: skip
+    lines = ["| pair · setting | test metric | PC | PC rank | best feature-only baseline | "
+             "verdict | best of any signal | verdict |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for pair, setting, c in found:
+        cells = [f"{pair} · {setting.replace('_', '-')}", c.metric, str(c.pc),
+                 f"{c.rank} of {c.methods}"]  # fmt: skip
+        for best in (c.feature_only, c.overall):
+            cells += ["—", "—"] if best is None else [
+                f"{best.method} {best.stat}", verdict(c.pc, best.stat)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for setting in study.settings:
+        mine = [c for _, s, c in found if s == setting]
+        if not mine:
+            continue
+        name = setting.replace("_", "-")
+        features = [(c.pc, c.feature_only.stat) for c in mine if c.feature_only]
+        lines.append(f"- {name}: against the best feature-only baseline PC "
+                     f"{_tally(features)}; against the best of any signal PC "
+                     f"{_tally([(c.pc, c.overall.stat) for c in mine])}.")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -592,6 +711,11 @@ def report(
         "cosine), a linear probe (L-BFGS on the frozen embeddings of the whole train split) "
         "and pc_* against the teacher. `scratch` is the labelled reference (CE only).",
         "- **class-aware**: α = 1, CE + weight · transfer loss; top-1 of the student's head.",
+        "- **What each method reads** besides the images: *feature-only* methods the teacher's "
+        "embeddings (FitNet, RKD-distance, RKD-angle, PKT, SP, CRD, PC); *teacher logits* "
+        "methods its class scores (KD, DIST: a class signal even at α = 0). PC's verdicts are "
+        "given against the best feature-only baseline (the headline: methods that read what PC "
+        "reads) and, beside it, against the best baseline of any signal.",
         "- Tuning: each method gets the same grid on the first seed; the trial with the best "
         "validation metric is then trained with every seed. Test-split mean ± sample std over "
         "seeds. Verdicts: |Δ| ≤ 2 standard errors of the difference is a tie.",
@@ -603,7 +727,7 @@ def report(
         if missing
         else "",
         "",
-        "## Summary: PC against the best baseline of each table",
+        "## Summary: PC against the best feature-only baseline, and the best of any signal",
         "",
         summary_table(study, records, pairs) or "(no pair has every seed of PC and a baseline)",
         "",
@@ -672,6 +796,11 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", action="store_true",
         help="train nothing: report what the store holds (a method with a missing run: no row)",
     )  # fmt: skip
+    parser.add_argument(
+        "--records", type=Path,
+        help="committed records to read runs back from (default: --out with .json; none: "
+        "read only MLflow)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -686,7 +815,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"unknown methods {unknown}; the study has {study.methods}")
             study = study.model_copy(update={"methods": args.methods})
         tracker = Tracker(args.tracking_uri)
-        execute = Executor(study, tracker, args.cache or default_cache(), args.report_only)
+        records_path = args.records or args.out.with_suffix(".json")
+        recorded = Recorded.read(records_path) if str(args.records) != "none" else Recorded.none()
+        execute = Executor(study, tracker, args.cache or default_cache(), args.report_only,
+                           recorded)  # fmt: skip
         records: list[Record] = []
         missing: list[Run] = []  # read-only mode: the first missing run of each method
         bar = tqdm(desc=study.name, unit="run")
@@ -707,9 +839,13 @@ def main(argv: list[str] | None = None) -> int:
     raw = {"study": study.model_dump(), "python": platform.python_version(),
            "trained": execute.trained, "reused": execute.reused, "devices": execute.devices,
            "records": [{"run": asdict(r.run), "phase": r.phase, "metrics": r.metrics}
-                       for r in records]}  # fmt: skip
+                       for r in records],
+           "kept": execute.kept()}  # fmt: skip
     write_text(args.out.with_suffix(".json"), json.dumps(raw, indent=1))
-    print(f"{execute.trained} runs trained, {execute.reused} read back from MLflow; {args.out}")
+    print(
+        f"{execute.trained} runs trained, {execute.reused} read back from the records or "
+        f"MLflow; {args.out}"
+    )
     return 0
 
 

@@ -161,16 +161,18 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
     assert study_module.main(args) == 0
     first = json.loads(out.with_suffix(".json").read_text())
-    # class-unaware: kd, pc × 1 lr; class-aware: kd, pc × 2 weights; one seed.
-    assert (first["trained"], first["reused"]) == (6, 0)
+    # class-unaware: kd, rkd_angle, pc × 1 lr; class-aware: the three × 2 weights; one seed.
+    assert (first["trained"], first["reused"]) == (9, 0)
     [(device, runs)] = first["devices"].items()  # where each run trained, from the pipeline
-    assert (device.split(":")[0], runs) == (pick_device("auto").type, 6)
+    assert (device.split(":")[0], runs) == (pick_device("auto").type, 9)
     text = out.read_text()
-    assert f"Runs trained on (the `edgepc.device` tag of each): {device} (6 runs)." in text
+    assert f"Runs trained on (the `edgepc.device` tag of each): {device} (9 runs)." in text
     for setting in ("class-unaware", "class-aware"):
         section = text.split(f"### smoke · {setting}")[1].split("<details>")[0]  # not the grid
-        rows = [line for line in section.splitlines() if line.startswith(("| kd", "| pc"))]
-        assert len(rows) == 2, section
+        rows = [line for line in section.splitlines() if line.startswith("| ")][1:]  # no head
+        assert [row.split(" | ")[:2] for row in rows] == [
+            ["| kd", "teacher logits"], ["| rkd_angle", "feature-only"], ["| pc", "feature-only"]
+        ]  # fmt: skip
         for row in rows:
             numbers = [float(x) for x in re.findall(r"\b0\.\d{4}\b", row)]
             assert len(numbers) >= 4
@@ -179,26 +181,46 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     summary = text.split("## Summary")[1].split("![")[0]
     verdicts = [line for line in summary.splitlines() if line.startswith("| smoke")]
     assert len(verdicts) == 3 + 4  # unaware: knn, probe, triplet; aware: top1 too
-    assert "PC wins 0, ties 0 and loses 0 of these 7 verdicts; 7 have one seed." in summary
-    for line in verdicts:  # PC against kd, the only baseline, with one seed
-        assert re.search(r"\| kd 0\.\d{4} \| [12] of 2 \| one seed: no noise estimate \|$", line)
+    one = "wins 0, ties 0 and loses 0 of {} verdicts; {} have one seed"
+    assert (
+        f"- class-unaware: against the best feature-only baseline PC {one.format(3, 3)}; "
+        f"against the best of any signal PC {one.format(3, 3)}." in summary
+    )
+    rows = {r["run"]["method"]: r["metrics"] for r in first["records"]
+            if r["run"]["setting"] == "class_aware" and r["phase"] == "final"}  # fmt: skip
+    for line in verdicts:  # against rkd_angle (feature-only), then the better of the two
+        cells = line.strip("| ").split(" | ")
+        assert re.fullmatch(r"[123] of 3", cells[3])
+        assert cells[4].startswith("rkd_angle 0.")
+        assert cells[5] == cells[7] == "one seed: no noise estimate"
+        metric = f"distill.test_{cells[1]}"
+        if "class-aware" in cells[0]:
+            best = max(("kd", "rkd_angle"), key=lambda m: rows[m][metric])
+            assert cells[6] == f"{best} {rows[best][metric]:.4f}"
     metrics = {(r["run"]["setting"], r["run"]["method"], r["run"]["value"]): r["metrics"]
                for r in first["records"]}  # fmt: skip
     assert all(m["distill.train_size"] == 200 for m in metrics.values())
 
-    assert study_module.main(args) == 0  # everything read back from MLflow, nothing trained
+    # A new machine: an empty MLflow store; the committed records are enough, nothing trains.
+    empty = [*args[:-1], f"sqlite:///{tmp_path / 'empty.db'}"]
+    assert study_module.main(empty) == 0
     second = json.loads(out.with_suffix(".json").read_text())
-    assert (second["trained"], second["reused"]) == (0, 6)
+    assert (second["trained"], second["reused"]) == (0, 9)
     assert second["devices"] == first["devices"]  # read back from the runs' tags
     assert second["records"] == first["records"]
 
     assert study_module.main([*args, "--methods", "pc", "--report-only"]) == 0  # one shard
     only = json.loads(out.with_suffix(".json").read_text())
     assert (only["trained"], only["reused"]) == (0, 3)
+    assert {r["run"]["method"] for r in only["kept"]} == {"kd", "rkd_angle"}  # not lost
+    shard = [*args, "--methods", "pc", "--report-only", "--records", "none"]
+    assert study_module.main(shard) == 0  # from MLflow alone
+    assert json.loads(out.with_suffix(".json").read_text())["reused"] == 3
     assert {r["run"]["method"] for r in only["records"]} == {"pc"}
     capsys.readouterr()
     assert study_module.main([*args, "--methods", "pkd"]) == 2
-    assert capsys.readouterr().err == "error: unknown methods ['pkd']; the study has ['kd', 'pc']\n"
+    known = "['kd', 'rkd_angle', 'pc']"
+    assert capsys.readouterr().err == f"error: unknown methods ['pkd']; the study has {known}\n"
 
     changed = yaml.safe_load((PIPELINES / "study.yaml").read_text())
     changed["profiles"]["smoke"]["settings"]["class_aware"]["grid"]["weight"] = [0.3, 2.0]
@@ -213,13 +235,23 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
         ("class_aware", "tune"),
     }
     text = out.read_text()
-    assert "every run yet of smoke class-aware (kd, pc)." in text
+    assert "every run yet of smoke class-aware (kd, rkd_angle, pc)." in text
     aware = text.split("### smoke · class-aware")[1].split("<details>")[0]
     assert "| kd |" not in aware  # a method with a gap has no row
     assert "| pc |" not in aware
+
+    records = json.loads(out.with_suffix(".json").read_text())
+    for record in records["records"] + records["kept"]:  # as if made with another teacher
+        record["metrics"]["teacher.test_top1"] += 0.01
+    out.with_suffix(".json").write_text(json.dumps(records))
+    capsys.readouterr()
+    assert study_module.main([*args, "--config", str(path)]) == 2
+    assert "the records were made with one that scored" in capsys.readouterr().err
+    out.with_suffix(".json").unlink()
     assert study_module.main([*args, "--config", str(path)]) == 0
     third = json.loads(out.with_suffix(".json").read_text())
-    assert (third["trained"], third["reused"]) == (2, 4)  # kd and pc at weight 2
+    # the three at weight 2 (the first trained in the refused invocation, now in MLflow)
+    assert (third["trained"], third["reused"]) == (2, 7)
 
 
 def test_loss_cost_table_has_every_transfer_loss_on_every_measured_device():
