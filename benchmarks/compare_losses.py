@@ -706,16 +706,19 @@ def report(
         f"- Every run is the `{study.pipeline}` pipeline up to its distill stage with the pair's "
         "overrides: same teacher, student, split, epochs, optimiser, schedule and augmentation; "
         "only the transfer loss (and its tuned value) differs. Runs are in MLflow with the tag "
-        f"`edgepc.study = {study.name}`.",
+        f"`edgepc.study = {study.name}`; their metrics are in `{out.with_suffix('.json').name}`, "
+        "from which this report regenerates without MLflow.",
         "- **class-unaware**: α = 0, the transfer loss alone; quality by kNN top-1 (k = 5, "
         "cosine), a linear probe (L-BFGS on the frozen embeddings of the whole train split) "
         "and pc_* against the teacher. `scratch` is the labelled reference (CE only).",
         "- **class-aware**: α = 1, CE + weight · transfer loss; top-1 of the student's head.",
         "- **What each method reads** besides the images: *feature-only* methods the teacher's "
-        "embeddings (FitNet, RKD-distance, RKD-angle, PKT, SP, CRD, PC); *teacher logits* "
-        "methods its class scores (KD, DIST: a class signal even at α = 0). PC's verdicts are "
-        "given against the best feature-only baseline (the headline: methods that read what PC "
-        "reads) and, beside it, against the best baseline of any signal.",
+        f"embeddings ({', '.join(m for m in study.methods if reads(m) == FEATURES)}); "
+        f"*teacher logits* methods its class scores "
+        f"({', '.join(m for m in study.methods if reads(m) == LOGITS)}: a class signal even at "
+        "α = 0). PC's verdicts are given against the best feature-only baseline (the headline: "
+        "methods that read what PC reads) and, beside it, against the best baseline of any "
+        "signal.",
         "- Tuning: each method gets the same grid on the first seed; the trial with the best "
         "validation metric is then trained with every seed. Test-split mean ± sample std over "
         "seeds. Verdicts: |Δ| ≤ 2 standard errors of the difference is a tie.",
