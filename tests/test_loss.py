@@ -19,6 +19,8 @@ OPTIONS = [
     {"teacher_ranks": "hard", "penalty": "square", "tau": 0.1},
     {"teacher_ranks": "soft", "penalty": "abs", "tau": 1.0},
     {"teacher_ranks": "hard", "penalty": "abs", "tau": 0.05},
+    {"teacher_ranks": "soft", "penalty": "square", "tau": 0.3, "neighbourhood": 0.1},
+    {"teacher_ranks": "hard", "penalty": "abs", "tau": 0.1, "neighbourhood": 0.3},
 ]
 
 
@@ -71,6 +73,19 @@ def test_hand_computed_value():
         pc_loss_from_dissimilarities(s, t, tau=0.5, teacher_ranks="hard", penalty="abs"),
         torch.stack(errors).abs().mean(),
     )
+    # Neighbourhood width h = 1: a pair the teacher ranks 0 weighs 1, one it ranks 1 weighs e⁻¹.
+    weights = torch.exp(-torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(
+        pc_loss_from_dissimilarities(s, t, tau=0.5, teacher_ranks="hard", neighbourhood=1.0),
+        (weights * torch.stack(errors).square()).sum() / weights.sum(),
+    )
+
+
+def test_a_wide_neighbourhood_weighs_every_pair_alike():
+    s, t = torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 6, dtype=torch.float64)
+    plain = perception_coherence_loss(s, t)
+    torch.testing.assert_close(perception_coherence_loss(s, t, neighbourhood=1e9), plain)
+    assert perception_coherence_loss(s, t, neighbourhood=0.05) != plain
 
 
 @pytest.mark.parametrize(
@@ -184,6 +199,7 @@ def test_float16_and_autocast_inputs_give_float32_loss():
         ({"tau": 0.0}, "tau must be > 0"),
         ({"penalty": "huber"}, "unknown penalty 'huber'"),
         ({"teacher_ranks": "medium"}, "unknown teacher_ranks 'medium'"),
+        ({"neighbourhood": 0.0}, "neighbourhood width must be > 0"),
     ],
 )
 def test_bad_options_raise(options, message):

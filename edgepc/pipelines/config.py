@@ -36,6 +36,8 @@ class PCSection(Section):
     tau: float = Field(0.3, gt=0)
     penalty: Literal["square", "abs"] = "square"
     teacher_ranks: Literal["soft", "hard"] = "soft"
+    # Width h of the neighbourhood weighting exp(-R_T / h) of each pair (None: every pair alike)
+    neighbourhood: float | None = Field(None, gt=0)
 
 
 class TrainSection(Section):
