@@ -38,6 +38,8 @@ from edgepc.measure import median_seconds, peak_memory, peak_memory_in_fresh_pro
 DIM_TEACHER, DIM_STUDENT = 512, 128
 CLASSES = 10  # the logit-based losses (kd, dist) read the first CLASSES columns as logits
 _FITNET = build_loss("fitnet", student_dim=DIM_STUDENT, teacher_dim=DIM_TEACHER)
+# CRD with its published defaults over a CIFAR-sized training set (its memory bank's size).
+_CRD = build_loss("crd", student_dim=DIM_STUDENT, teacher_dim=DIM_TEACHER, n_data=50_000)
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "pc": perception_coherence_loss,
     "pc_reference": perception_coherence_loss_reference,
@@ -46,6 +48,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "pkt": pkt_loss,
     "sp": sp_loss,
     "fitnet": lambda s, t: _FITNET.to(s.device)(s, t),
+    "crd": lambda s, t: _CRD.to(s.device)(s, t, torch.arange(len(s), device=s.device)),
     "kd": lambda s, t: kd_loss(s[:, :CLASSES], t[:, :CLASSES]),
     "dist": lambda s, t: dist_loss(s[:, :CLASSES], t[:, :CLASSES]),
 }

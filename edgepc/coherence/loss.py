@@ -96,12 +96,12 @@ class _SoftRankLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx,  # noqa: ANN001
         a: Tensor,
         target: Tensor,
         weights: Tensor,
         penalty: str,
-        chunk_rows: int,  # noqa: ANN001
+        chunk_rows: int,
     ) -> Tensor:
         b = a.shape[0]
         ranks = torch.empty_like(a)
