@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,26 +87,33 @@ def test_kill_9_at_a_random_point_of_every_stage_then_resume(tmp_path, clean, se
     rng = random.Random(seed)
     order = list(durations)
     cache, killed = tmp_path / "cache", []  # (stage aimed at, stage the kill landed in)
+    before = tmp_path / "before"  # the cache as the last kill left it
     for stage in order:
-        if killed and order.index(stage) < order.index(killed[-1][1]):
-            continue  # the last kill landed past this stage (this run was faster): it is cached
         delay = rng.uniform(0, 0.5 * durations[stage])  # of the stage as the clean run took it
-        while True:
+        for _ in range(5):
+            if cache.exists():
+                shutil.copytree(cache, before)
             run = start_pipeline(cache, tmp_path)
             read_until(run, stage)
             time.sleep(delay)
             run.send_signal(signal.SIGKILL)
-            if run.wait() == -signal.SIGKILL:
+            ended = run.wait() != -signal.SIGKILL
+            later = [m[1] for line in run.stdout if (m := STARTED.match(line))]
+            landed = stage if ended else (later[-1] if later else stage)
+            if not ended and landed == stage:
                 break
-            assert stage == "register", f"the run ended in {stage}, a cached stage"
-            delay /= 4  # the last stage ended sooner than in the clean run: kill it sooner
-        later = [m[1] for line in run.stdout if (m := STARTED.match(line))]
-        killed.append((stage, later[-1] if later else stage))
+            # The stage ended sooner than in the clean run (a busy machine is uneven): back to
+            # the cache the last kill left, and kill sooner.
+            shutil.rmtree(cache)
+            if before.exists():
+                shutil.move(before, cache)
+            delay /= 4
+        shutil.rmtree(before, ignore_errors=True)
+        killed.append((stage, landed))
     finish = start_pipeline(cache, tmp_path)
     out = finish.communicate(timeout=900)[0]
     assert finish.returncode == 0, out[-3000:]
-    assert all(order.index(landed) >= order.index(aim) for aim, landed in killed)
-    assert len({landed for _, landed in killed}) >= len(order) - 2  # nearly every stage hit
+    assert [landed for _, landed in killed] == order  # every stage hit
     assert finals(cache) == expected
     assert leftovers(cache) == []
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
