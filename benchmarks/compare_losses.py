@@ -45,7 +45,7 @@ from edgepc.distill.losses import loss_class, loss_names
 from edgepc.errors import EdgepcError
 from edgepc.files import save_figure, write_text
 from edgepc.hardware import cpu_name
-from edgepc.pipelines.config import PIPELINES, ConfigError, load_config
+from edgepc.pipelines.config import PIPELINES, ConfigError, PipelineConfig, load_config
 from edgepc.pipelines.runner import default_cache, run_pipeline, stage_keys
 from edgepc.tracking import Tracker, git_commit
 
@@ -165,12 +165,16 @@ class MissingRunError(Exception):
     """A run the store does not hold, met in read-only mode."""
 
 
-def run_key(study: Study, run: Run) -> tuple[str, str]:
-    """The cache keys of a study run's teacher and of its last stage: equal keys, equal
-    computation (config, code version and data)."""
-    until = "validate" if run.deploy else "distill"
-    keys = stage_keys(load_config(study.pipeline, overrides=run.overrides(study)))
-    return keys["teacher"], keys[until]
+def _last_stage(run: Run) -> str:
+    return "validate" if run.deploy else "distill"
+
+
+def run_config(study: Study, run: Run) -> tuple[PipelineConfig, str, str]:
+    """A study run's pipeline config and the cache keys of its teacher and of its last stage:
+    equal keys, equal computation (config, code version and data)."""
+    config = load_config(study.pipeline, overrides=run.overrides(study))
+    keys = stage_keys(config)
+    return config, keys["teacher"], keys[_last_stage(run)]
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,7 @@ class Recorded:
             study = Study.model_validate(raw["study"])
             metrics, teachers, entries = {}, {}, []
             for record in [*raw["records"], *raw.get("kept", [])]:
-                teacher, key = run_key(study, Run(**record["run"]))
+                _, teacher, key = run_config(study, Run(**record["run"]))
                 metrics[key] = record["metrics"]
                 teachers[teacher] = record["metrics"]["teacher.test_top1"]
                 entries.append((key, record))
@@ -227,9 +231,7 @@ class Executor:
         self.keys: set[str] = set()  # of every run this invocation met
 
     def __call__(self, run: Run) -> dict[str, float]:
-        until = "validate" if run.deploy else "distill"
-        config = load_config(self.study.pipeline, overrides=run.overrides(self.study))
-        key = stage_keys(config)[until]
+        config, teacher, key = run_config(self.study, run)
         self.keys.add(key)
         if key in self.recorded.metrics:
             self.reused += 1
@@ -246,12 +248,12 @@ class Executor:
         tags |= {f"edgepc.study.{k}": str(v) for k, v in asdict(run).items()}
         report = run_pipeline(
             config, self.cache, self.tracker, progress=False, echo=lambda _: None,
-            until=until, tags=tags,
+            until=_last_stage(run), tags=tags,
         )  # fmt: skip
         self.trained += 1
         self.devices[report.device] += 1
         metrics = {f"{s.stage}.{k}": v for s in report.stages for k, v in s.metrics.items()}
-        self._same_teacher(stage_keys(config)["teacher"], metrics["teacher.test_top1"])
+        self._same_teacher(teacher, metrics["teacher.test_top1"])
         return metrics | {f"{s.stage}.seconds": s.seconds for s in report.stages}
 
     def _same_teacher(self, key: str, top1: float) -> None:

@@ -109,12 +109,15 @@ class _Objective(nn.Module):
         self.pc = PerceptionCoherenceLoss(**config.pc) if config.beta or config.gamma else None
         self.weights: dict[str, float] = {}
         self.baselines = nn.ModuleDict()
+        self.indexed: set[str] = set()
         for name, options in config.baselines.items():
             options = dict(options)
             self.weights[name] = float(options.pop("weight", 1.0))
             sizes = {"student_dim": student_dim, "teacher_dim": teacher_dim, "n_data": n_data}
             loss = build_loss(name, **self._filled(name, options, sizes))
             self.baselines[name] = loss
+            if "index" in inspect.signature(loss.forward).parameters:
+                self.indexed.add(name)  # e.g. CRD's memory bank: the batch's positions
         if not (self.alpha or self.pc is not None or self.baselines):
             raise TrainingError("nothing to train: alpha and beta are 0 and no baseline is set")
         if (self.beta or self.baselines) and teacher_dim is None:
@@ -148,7 +151,7 @@ class _Objective(nn.Module):
         for name, loss in self.baselines.items():
             if loss.inputs == "logits":
                 value = loss(logits.float(), teacher.logits)
-            elif "index" in inspect.signature(loss.forward).parameters:
+            elif name in self.indexed:
                 value = loss(embeddings.float(), teacher.embeddings, index)
             else:
                 value = loss(embeddings.float(), teacher.embeddings)

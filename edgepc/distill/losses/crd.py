@@ -70,9 +70,9 @@ class CRDLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, index: Tensor) -> Tensor:
         v_s = F.normalize(self.embed_s(student), dim=1)
         v_t = F.normalize(self.embed_t(teacher.detach()), dim=1)
+        others = other_indices(index, self.k, self.n_data)
+        contrast = torch.cat([index.cpu()[:, None], others], 1).to(self.memory_s.device)
         index = index.to(self.memory_s.device)
-        contrast = torch.cat([index[:, None], other_indices(index, self.k, self.n_data)], 1)
-        contrast = contrast.to(self.memory_s.device)
         # Each anchor against the other side's memory: the positive (its own image) and the K
         # negatives, read as one (B, N) product then gathered (cheaper than (B, 1+K, d) when
         # K exceeds N, as it does on small training sets).
