@@ -225,10 +225,82 @@ def test_bad_features_raise(student, teacher, message):
 
 
 def test_bad_dissimilarity_matrices_raise():
-    with pytest.raises(ValueError, match="square matrices"):
+    with pytest.raises(ValueError, match="B×N matrices of one shape"):
         pc_loss_from_dissimilarities(torch.rand(4, 4), torch.rand(5, 5))
-    with pytest.raises(ValueError, match="square matrices"):
+    with pytest.raises(ValueError, match="N >= B"):
         pc_loss_reference_from_dissimilarities(torch.rand(4, 3), torch.rand(4, 3))
+
+
+# ------------------------------------------------------------------ ranks against a queue
+
+
+def _loss_by_the_definition(s_dis, t_dis, tau):
+    """L_PC with a soft teacher, by the formula read off loop by loop (B×N matrices)."""
+    b, n = s_dis.shape
+
+    def normalised(d):
+        return d / (sum(d[i, k] for i in range(b) for k in range(n) if k != i) / (b * (n - 1)))
+
+    def rank(d, i, j):
+        others = [k for k in range(n) if k not in (i, j)]
+        return sum(torch.sigmoid((d[i, j] - d[i, k]) / tau) for k in others) / (n - 2)
+
+    s, t = normalised(s_dis), normalised(t_dis)
+    pairs = [(i, j) for i in range(b) for j in range(b) if i != j]
+    return sum((rank(s, i, j) - rank(t, i, j)) ** 2 for i, j in pairs) / len(pairs)
+
+
+def test_a_queue_counts_every_rank_against_the_queued_inputs():
+    student = torch.randn(4, 3, dtype=torch.float64)
+    teacher = torch.randn(4, 5, dtype=torch.float64)
+    queued = (torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64))
+    s_dis = pairwise_dissimilarity(student, torch.cat([student, queued[0]]))
+    t_dis = pairwise_dissimilarity(teacher, torch.cat([teacher, queued[1]]))
+    expected = _loss_by_the_definition(s_dis, t_dis, tau=0.3)
+    for loss_fn in (perception_coherence_loss, perception_coherence_loss_reference):
+        torch.testing.assert_close(loss_fn(student, teacher, queued=queued), expected)
+    assert perception_coherence_loss(student, teacher) != expected  # the queue changes it
+
+
+@pytest.mark.parametrize(("b", "m", "chunk_rows"), [(3, 1, None), (8, 20, 3), (17, 40, None)])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_memory_bounded_equals_reference_with_a_queue(b, m, chunk_rows, options):
+    student = torch.randn(b, 7, dtype=torch.float64)
+    teacher = torch.randn(b, 19, dtype=torch.float64)
+    queued = (torch.randn(m, 7, dtype=torch.float64), torch.randn(m, 19, dtype=torch.float64))
+    value, grad = _value_and_grad(perception_coherence_loss, student, teacher,
+                                  queued=queued, chunk_rows=chunk_rows, **options)  # fmt: skip
+    ref_value, ref_grad = _value_and_grad(
+        perception_coherence_loss_reference, student, teacher, queued=queued, **options
+    )
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-14)
+
+
+def test_the_module_queue_holds_the_last_inputs_and_ranks_against_them():
+    torch.manual_seed(0)
+    loss = PerceptionCoherenceLoss(queue=5, student_dim=3, teacher_dim=4)
+    batches = [(torch.randn(4, 3, requires_grad=True), torch.randn(4, 4)) for _ in range(3)]
+    first = loss(*batches[0])
+    torch.testing.assert_close(first, perception_coherence_loss(*batches[0]))  # nothing queued
+    second = loss(*batches[1])
+    queued = (batches[0][0].detach(), batches[0][1])
+    torch.testing.assert_close(second, perception_coherence_loss(*batches[1], queued=queued))
+    second.backward()
+    assert batches[0][0].grad is None  # queued student embeddings carry no gradient
+    loss(*batches[2])
+    # 12 pushed into 5 slots: the last 5 inputs remain (slot = count mod 5).
+    last = torch.cat([b[0].detach() for b in batches])[-5:]
+    slots = torch.arange(7, 12) % 5
+    torch.testing.assert_close(loss.queued_student[slots], last)
+    torch.testing.assert_close(loss.queued_teacher[slots], torch.cat([b[1] for b in batches])[-5:])
+    state = loss.state_dict()  # saved with a training checkpoint
+    assert int(state["queued"]) == 12
+    assert state["queued_student"].shape == (5, 3)
+    with pytest.raises(ValueError, match="needs student_dim and teacher_dim"):
+        PerceptionCoherenceLoss(queue=5)
+    with pytest.raises(ValueError, match="queue must be >= 1"):
+        PerceptionCoherenceLoss(queue=0, student_dim=3, teacher_dim=4)
 
 
 def loss_step(batch: int, memory_bounded: bool):

@@ -67,17 +67,26 @@ def test_distillation_makes_the_student_more_coherent(subset, teacher, config):
     assert history[-1]["loss"] < history[0]["loss"] or config.epochs == 1
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(subset, tmp_path):
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(epochs=3, batch_size=64),
+        # The PC queue lives in the checkpoint: a resumed run ranks against the same inputs.
+        TrainConfig(epochs=3, batch_size=64, alpha=0.0, beta=1.0, pc={"queue": 100}),
+    ],
+    ids=["labels", "pc-queue"],
+)
+def test_resume_after_a_crash_equals_an_uninterrupted_run(subset, teacher, tmp_path, config):
     x, y, _, _, norm = subset
     x, y = x[:300], y[:300]
-    config = TrainConfig(epochs=3, batch_size=64)
+    distill = {"teacher": teacher} if config.beta else {}
 
     def fresh():
         torch.manual_seed(5)
         return build_model("tiny_cnn")
 
     straight = fresh()
-    train(straight, x, y, norm, config, CPU, progress=False)
+    train(straight, x, y, norm, config, CPU, progress=False, **distill)
 
     class CrashError(Exception):
         pass
@@ -89,10 +98,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(subset, tmp_path):
     crashed = fresh()
     with pytest.raises(CrashError):
         train(crashed, x, y, norm, config, CPU, checkpoint=tmp_path / "ck.pt",
-              on_epoch=crash_after_two, progress=False)  # fmt: skip
+              on_epoch=crash_after_two, progress=False, **distill)  # fmt: skip
     assert load_checkpoint(tmp_path / "ck.pt")["epoch"] == 2
     resumed = fresh()  # a new process would start from fresh weights too
-    history = train(resumed, x, y, norm, config, CPU, checkpoint=tmp_path / "ck.pt", progress=False)
+    history = train(resumed, x, y, norm, config, CPU, checkpoint=tmp_path / "ck.pt",
+                    progress=False, **distill)  # fmt: skip
     assert len(history) == 3
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)

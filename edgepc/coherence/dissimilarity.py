@@ -35,11 +35,12 @@ def check_features(*features: Tensor, min_batch: int = 3) -> None:
 
 
 def check_dissimilarity_matrices(student: Tensor, teacher: Tensor) -> int:
-    """Raise a ValueError unless both are finite square matrices of one size >= 3; return it."""
-    if student.shape != teacher.shape or student.ndim != 2 or student.shape[0] != student.shape[1]:
+    """Raise a ValueError unless both are finite B×N matrices of one shape, B >= 3 and N >= B
+    (the batch's columns first, then any references); return B."""
+    if student.shape != teacher.shape or student.ndim != 2 or student.shape[0] > student.shape[1]:
         raise ValueError(
-            "dissimilarities must be two square matrices of one size, got "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+            "dissimilarities must be two B×N matrices of one shape with N >= B (the batch, then "
+            f"any references), got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     if student.shape[0] < 3:
         raise ValueError(f"batch size {student.shape[0]} < 3: ranking needs at least 3 inputs")

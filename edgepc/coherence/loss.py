@@ -7,6 +7,10 @@
 w_ij = 1 by default; with a neighbourhood width h, w_ij ∝ exp(-R_T(i, j) / h) (mean 1 over
 i ≠ j): pairs the teacher ranks near count more, as the neighbourhoods kNN reads.
 
+With a queue of M (``queue=M``), k runs over the other batch items and the M inputs seen
+last (a queue of their student embeddings without gradient and their teacher embeddings), so
+each rank is estimated on B - 2 + M inputs instead of B - 2; i and j stay in the batch.
+
 R_T is the teacher's hard rank (mid-rank ties) or its soft rank with the same τ, never with
 gradient. The normalisation, the logistic relaxation and ρ are edgepc's own formulation of
 the paper's idea (README, "The formulation"), not the paper's verbatim loss.
@@ -42,8 +46,14 @@ TEACHER_RANKS = ("soft", "hard")
 
 
 def _check_options(
-    tau: float, penalty: str, teacher_ranks: str, neighbourhood: float | None = None
+    tau: float,
+    penalty: str,
+    teacher_ranks: str,
+    neighbourhood: float | None = None,
+    queue: int | None = None,
 ) -> None:
+    if queue is not None and queue < 1:
+        raise ValueError(f"queue must be >= 1 (or None), got {queue}")
     if neighbourhood is not None and not neighbourhood > 0:
         raise ValueError(f"neighbourhood width must be > 0 (or None), got {neighbourhood}")
     if not tau > 0:
@@ -62,12 +72,13 @@ def at_least_float32(x: Tensor) -> Tensor:
 
 
 def _off_diagonal_mean(d: Tensor) -> Tensor:
-    b = d.shape[0]
-    return (d.sum() - d.diagonal().sum()) / (b * (b - 1))
+    b, n = d.shape
+    return (d.sum() - d.diagonal().sum()) / (b * (n - 1))
 
 
 def normalise_by_mean(d: Tensor) -> Tensor:
-    """``d`` divided by its mean off-diagonal value (in the graph; guarded against 0)."""
+    """``d`` (B×N) divided by its mean value off the entries (i, i) (in the graph; guarded
+    against 0)."""
     return d / _off_diagonal_mean(d).clamp_min(torch.finfo(d.dtype).tiny)
 
 
@@ -88,10 +99,12 @@ def _penalty_and_slope(diff: Tensor, penalty: str) -> tuple[Tensor, Tensor]:
 
 
 class _SoftRankLoss(torch.autograd.Function):
-    """mean_{i≠j} w_ij ρ(R̃(a)_ij - target_ij), a = Ŝ/τ (diagonal = sentinel), O(chunk·B²) memory.
+    """mean_{i≠j} w_ij ρ(R̃(a)_ij - target_ij), a = Ŝ/τ (B×N, (i, i) = sentinel), i, j < B,
+    O(chunk·B·N) memory.
 
     The forward keeps only R̃ (B²); the backward recomputes the logistic terms chunk by chunk:
-    ∂L/∂a_im = 1/(B-2) · (g_im Σ_k w_imk - Σ_j g_ij w_ijm),  w = σ'(a_ij - a_ik), g = ∂L/∂R̃.
+    ∂L/∂a_im = 1/(N-2) · ([m < B] g_im Σ_k w_imk - Σ_j g_ij w_ijm),  w = σ'(a_ij - a_ik),
+    g = ∂L/∂R̃.
     """
 
     @staticmethod
@@ -103,11 +116,11 @@ class _SoftRankLoss(torch.autograd.Function):
         penalty: str,
         chunk_rows: int,
     ) -> Tensor:
-        b = a.shape[0]
-        ranks = torch.empty_like(a)
+        b, n = a.shape
+        ranks = torch.empty_like(target)
         for start in range(0, b, chunk_rows):
             rows = slice(start, min(start + chunk_rows, b))
-            ranks[rows] = (soft_rank_terms(a, rows).sum(2) - 0.5) / (b - 2)
+            ranks[rows] = (soft_rank_terms(a, rows).sum(2) - 0.5) / (n - 2)
         values, slope = _penalty_and_slope(ranks - target, penalty)
         ctx.save_for_backward(a, slope * weights / (b * (b - 1)))
         ctx.chunk_rows = chunk_rows
@@ -116,22 +129,24 @@ class _SoftRankLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         a, g = ctx.saved_tensors
-        b = a.shape[0]
+        b, n = a.shape
         grad = torch.empty_like(a)
         for start in range(0, b, ctx.chunk_rows):
             rows = slice(start, min(start + ctx.chunk_rows, b))
             w = soft_rank_terms(a, rows)
             w.addcmul_(w, w, value=-1.0)  # σ(1 - σ) in place
             g_rows = g[rows]
-            grad[rows] = g_rows * w.sum(2) - torch.bmm(g_rows[:, None, :], w)[:, 0, :]
-        return grad * (grad_out / (b - 2)), None, None, None, None
+            grad[rows] = -torch.bmm(g_rows[:, None, :], w)[:, 0, :]
+            grad[rows, :b] += g_rows * w.sum(2)
+        return grad * (grad_out / (n - 2)), None, None, None, None
 
 
 def teacher_ranks_of(t_dis: Tensor, tau: float, teacher_ranks: str) -> Tensor:
-    """The teacher's target ranks (no gradient): mid-ranks, or soft ranks of T / mean(T)."""
+    """The teacher's target ranks of the batch pairs (B×B, no gradient) from ``t_dis`` (B×N):
+    mid-ranks, or soft ranks of T / mean(T)."""
     with torch.no_grad():
         if teacher_ranks == "hard":
-            return hard_ranks(t_dis)
+            return hard_ranks(t_dis)[:, : t_dis.shape[0]]
         return soft_ranks(normalise_by_mean(t_dis), tau)
 
 
@@ -145,9 +160,10 @@ def pc_loss_from_dissimilarities(
     neighbourhood: float | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
-    """L_PC from a student (B×B, with grad) and teacher (B×B) dissimilarity matrix.
+    """L_PC from a student (B×N, with grad) and teacher (B×N) dissimilarity matrix: rows are
+    the batch, columns the batch then N - B references (N = B: none).
 
-    Memory-bounded: peak extra memory O(B²) in forward and backward (``chunk_rows`` anchors at
+    Memory-bounded: peak extra memory O(B·N) in forward and backward (``chunk_rows`` anchors at
     a time; by default blocks of 2^22 elements on CPU, 2^26 on CUDA).
     """
     _check_options(tau, penalty, teacher_ranks, neighbourhood)
@@ -156,7 +172,7 @@ def pc_loss_from_dissimilarities(
     a = scaled_with_sentinel(normalise_by_mean(at_least_float32(s_dis)), tau)
     weights = pair_weights(target, neighbourhood)
     return _SoftRankLoss.apply(
-        a, target, weights, penalty, chunk_rows or default_chunk_rows(b, s_dis.device)
+        a, target, weights, penalty, chunk_rows or default_chunk_rows(b, s_dis.device, a.shape[1])
     )
 
 
@@ -188,14 +204,26 @@ def pc_loss_reference_from_dissimilarities(
     return per_pair[off].mean()
 
 
+Queued = tuple[Tensor, Tensor]  # M student embeddings (no gradient), their M teacher embeddings
+
+
 def _feature_dissimilarities(
-    student: Tensor, teacher: Tensor, dissimilarity: str
+    student: Tensor, teacher: Tensor, dissimilarity: str, queued: Queued | None = None
 ) -> tuple[Tensor, Tensor]:
+    """Student (with grad) and teacher dissimilarities of the batch to the batch, then to the
+    queued inputs: B×(B+M)."""
     check_dissimilarity(dissimilarity)
     check_features(student, teacher)
+    student, teacher = at_least_float32(student), at_least_float32(teacher.detach())
+    s_cols = t_cols = None  # None: the batch against itself
+    if queued is not None:
+        check_features(*queued, min_batch=1)
+        s_cols = torch.cat([student, queued[0].detach().to(student.dtype)])
+        t_cols = torch.cat([teacher, queued[1].to(teacher.dtype)])
     with torch.no_grad():
-        t_dis = pairwise_dissimilarity(at_least_float32(teacher.detach()), metric=dissimilarity)
-    return pairwise_dissimilarity(at_least_float32(student), metric=dissimilarity), t_dis
+        t_dis = pairwise_dissimilarity(teacher, t_cols, dissimilarity)
+    s_dis = pairwise_dissimilarity(student, s_cols, dissimilarity)
+    return s_dis, t_dis
 
 
 def perception_coherence_loss(
@@ -207,15 +235,18 @@ def perception_coherence_loss(
     penalty: Penalty = "square",
     teacher_ranks: TeacherRanks = "soft",
     neighbourhood: float | None = None,
+    queued: Queued | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
     """L_PC between student (B, d_S) and teacher (B, d_T) features; d_S and d_T may differ.
+    ``queued``: M more inputs' student (M, d_S) and teacher (M, d_T) embeddings that every rank
+    is also counted against.
 
     Class-unaware (no labels), memory-bounded, computed in float32 (float64 for float64 inputs)
     even under autocast.
     """
     with torch.autocast(student.device.type, enabled=False):
-        s_dis, t_dis = _feature_dissimilarities(student, teacher, dissimilarity)
+        s_dis, t_dis = _feature_dissimilarities(student, teacher, dissimilarity, queued)
         return pc_loss_from_dissimilarities(
             s_dis,
             t_dis,
@@ -236,9 +267,10 @@ def perception_coherence_loss_reference(
     penalty: Penalty = "square",
     teacher_ranks: TeacherRanks = "soft",
     neighbourhood: float | None = None,
+    queued: Queued | None = None,
 ) -> Tensor:
-    """Plain O(B³)-memory version of :func:`perception_coherence_loss` (tests, benchmarks)."""
-    s_dis, t_dis = _feature_dissimilarities(student, teacher, dissimilarity)
+    """Plain O(B²·N)-memory version of :func:`perception_coherence_loss` (tests, benchmarks)."""
+    s_dis, t_dis = _feature_dissimilarities(student, teacher, dissimilarity, queued)
     return pc_loss_reference_from_dissimilarities(
         s_dis, t_dis, tau=tau, penalty=penalty, teacher_ranks=teacher_ranks,
         neighbourhood=neighbourhood,
@@ -246,7 +278,13 @@ def perception_coherence_loss_reference(
 
 
 class PerceptionCoherenceLoss(nn.Module):
-    """Module form of :func:`perception_coherence_loss` (``memory_bounded=False``: reference)."""
+    """Module form of :func:`perception_coherence_loss` (``memory_bounded=False``: reference).
+
+    ``queue=M`` keeps the last M inputs' embeddings (student detached, teacher) in a first-in
+    first-out queue that each call ranks against and then pushes its batch into; the queue is
+    a buffer of the module (saved with a training checkpoint), so it needs the two embedding
+    sizes up front.
+    """
 
     def __init__(
         self,
@@ -255,11 +293,14 @@ class PerceptionCoherenceLoss(nn.Module):
         penalty: Penalty = "square",
         teacher_ranks: TeacherRanks = "soft",
         neighbourhood: float | None = None,
+        queue: int | None = None,
         memory_bounded: bool = True,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
     ) -> None:
         super().__init__()
         check_dissimilarity(dissimilarity)
-        _check_options(tau, penalty, teacher_ranks, neighbourhood)
+        _check_options(tau, penalty, teacher_ranks, neighbourhood, queue)
         self.options = {
             "dissimilarity": dissimilarity,
             "tau": tau,
@@ -268,12 +309,35 @@ class PerceptionCoherenceLoss(nn.Module):
             "neighbourhood": neighbourhood,
         }
         self.memory_bounded = memory_bounded
+        self.queue = queue
+        if queue is not None:
+            if student_dim is None or teacher_dim is None:
+                raise ValueError("a queue needs student_dim and teacher_dim")
+            self.register_buffer("queued_student", torch.zeros(queue, student_dim))
+            self.register_buffer("queued_teacher", torch.zeros(queue, teacher_dim))
+            self.register_buffer("queued", torch.zeros((), dtype=torch.long))  # pushed so far
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        if self.memory_bounded:
-            return perception_coherence_loss(student, teacher, **self.options)
-        return perception_coherence_loss_reference(student, teacher, **self.options)
+        queued = None
+        if self.queue is not None and int(self.queued) > 0:
+            filled = min(int(self.queued), self.queue)
+            queued = (self.queued_student[:filled], self.queued_teacher[:filled])
+        loss_fn = perception_coherence_loss if self.memory_bounded else (
+            perception_coherence_loss_reference)  # fmt: skip
+        loss = loss_fn(student, teacher, queued=queued, **self.options)
+        if self.queue is not None:
+            self._push(student.detach(), teacher.detach())
+        return loss
+
+    @torch.no_grad()
+    def _push(self, student: Tensor, teacher: Tensor) -> None:
+        """The batch into the queue, overwriting the oldest entries (slot = count mod M)."""
+        keep = min(len(student), self.queue)
+        slots = (int(self.queued) + torch.arange(keep)) % self.queue
+        self.queued_student[slots.to(student.device)] = student[-keep:].to(self.queued_student)
+        self.queued_teacher[slots.to(teacher.device)] = teacher[-keep:].to(self.queued_teacher)
+        self.queued += keep
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"{opts}, memory_bounded={self.memory_bounded}"
+        return f"{opts}, queue={self.queue}, memory_bounded={self.memory_bounded}"

@@ -3,6 +3,10 @@
 For an anchor row i of a dissimilarity matrix D (n × N, row i's own column excluded), the
 rank of j is R(i, j) = 1/(N-2) · Σ_{k ∉ {i, j}} H(D_ij - D_ik) with H the Heaviside step
 (½ at 0, i.e. mid-ranks for ties). The soft rank replaces H by a logistic of temperature τ.
+
+The soft ranks take a B×N matrix whose first B columns are the batch itself (anchor i is column
+i) and whose N - B further columns are reference inputs: the rank of a batch pair (i, j) is
+then counted against every other batch item and every reference (N = B: the batch alone).
 """
 
 from __future__ import annotations
@@ -71,58 +75,64 @@ def hard_ranks(d: Tensor, anchors: Tensor | None = None) -> Tensor:
 
 
 def scaled_with_sentinel(d: Tensor, tau: float) -> Tensor:
-    """``d / τ`` with the diagonal raised so that far that no soft rank counts k = i."""
+    """``d / τ`` (B×N) with each anchor's own entry (i, i) raised so far that no soft rank
+    counts k = i."""
     scaled = d / tau
     sentinel = scaled.detach().max() + _SENTINEL_MARGIN
-    eye = torch.eye(d.shape[0], dtype=torch.bool, device=d.device)
+    eye = torch.eye(*d.shape, dtype=torch.bool, device=d.device)
     return scaled.masked_fill(eye, sentinel)
 
 
 def soft_rank_terms(a: Tensor, rows: slice) -> Tensor:
-    """σ(a_ij - a_ik) for anchors i in ``rows``: a (len(rows), N, N) block, k = i terms 0."""
+    """σ(a_ij - a_ik) for anchors i in ``rows``, batch items j < B and every column k of the
+    B×N matrix ``a``: a (len(rows), B, N) block, k = i terms 0."""
     block = a[rows]
-    return torch.sigmoid_(block[:, :, None] - block[:, None, :])
+    return torch.sigmoid_(block[:, : a.shape[0], None] - block[:, None, :])
 
 
 @torch.no_grad()
 def soft_ranks(d: Tensor, tau: float, chunk_rows: int | None = None) -> Tensor:
-    """Soft ranks R̃(i, j) of a square matrix ``d`` (diagonal ignored, returned as 0).
+    """Soft ranks R̃(i, j) (B×B) of the batch pairs of ``d`` (B×N, N ≥ B: the batch, then any
+    references); the diagonal is ignored and returned as 0.
 
-    Memory O(chunk_rows · B²): anchors are processed in chunks. It carries no gradient
+    Memory O(chunk_rows · B·N): anchors are processed in chunks. It carries no gradient
     (teacher side); the student side goes through the loss's custom backward.
     """
-    b = d.shape[0]
+    b, n = d.shape
     a = scaled_with_sentinel(d, tau)
-    step = chunk_rows or default_chunk_rows(b, d.device)
-    out = torch.empty_like(a)
+    step = chunk_rows or default_chunk_rows(b, d.device, n)
+    out = torch.empty((b, b), dtype=a.dtype, device=a.device)
     for start in range(0, b, step):
         rows = slice(start, min(start + step, b))
         # Σ_{k≠i} includes k = j, which contributes σ(0) = ½: subtract it.
-        out[rows] = (soft_rank_terms(a, rows).sum(2) - 0.5) / (b - 2)
+        out[rows] = (soft_rank_terms(a, rows).sum(2) - 0.5) / (n - 2)
     return out.fill_diagonal_(0.0)
 
 
 def soft_ranks_reference(d: Tensor, tau: float) -> Tensor:
-    """Soft ranks written plainly with a B×B×B tensor and autograd: for tests and benchmarks.
+    """Soft ranks written plainly with a B×B×N tensor and autograd: for tests and benchmarks.
 
     Sums σ over every k, then takes out the k = i term and the k = j term (σ(0) = ½).
     """
-    b = d.shape[0]
-    every_k = torch.sigmoid((d[:, :, None] - d[:, None, :]) / tau).sum(2)
-    k_is_i = torch.sigmoid((d - d.diagonal()[:, None]) / tau)
+    b, n = d.shape
+    batch = d[:, :b]
+    every_k = torch.sigmoid((batch[:, :, None] - d[:, None, :]) / tau).sum(2)
+    k_is_i = torch.sigmoid((batch - d.diagonal()[:, None]) / tau)
     off = ~torch.eye(b, dtype=torch.bool, device=d.device)
-    return (every_k - k_is_i - 0.5) * off / (b - 2)
+    return (every_k - k_is_i - 0.5) * off / (n - 2)
 
 
 def hard_ranks_reference(d: Tensor) -> Tensor:
-    """Hard ranks by the definition (Heaviside, ½ at ties): O(B³) memory, for tests only."""
-    b = d.shape[0]
-    idx = torch.arange(b, device=d.device)
-    i, j, k = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+    """Hard ranks of the batch pairs of ``d`` (B×N) by the definition (Heaviside, ½ at ties):
+    O(B²·N) memory, for tests only."""
+    b, n = d.shape
+    i = torch.arange(b, device=d.device)[:, None, None]
+    j = torch.arange(b, device=d.device)[None, :, None]
+    k = torch.arange(n, device=d.device)[None, None, :]
     keep = (k != i) & (k != j) & (j != i)
-    diff = d[:, :, None] - d[:, None, :]
+    diff = d[:, :b, None] - d[:, None, :]
     step = (diff > 0).to(d.dtype) + 0.5 * (diff == 0).to(d.dtype)
-    return (step * keep).sum(2) / (b - 2)
+    return (step * keep).sum(2) / (n - 2)
 
 
 # Elements of one (chunk, B, B) block. CPU: 16 MiB blocks ran fastest on 2 cores (cache);
@@ -130,7 +140,8 @@ def hard_ranks_reference(d: Tensor) -> Tensor:
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
-def default_chunk_rows(batch: int, device: torch.device) -> int:
-    """Anchors per chunk so that one (chunk, B, B) block holds about CHUNK_ELEMENTS[device]."""
+def default_chunk_rows(batch: int, device: torch.device, columns: int | None = None) -> int:
+    """Anchors per chunk so that one (chunk, B, N) block holds about CHUNK_ELEMENTS[device]
+    (N = ``columns``, default B)."""
     budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
-    return max(1, budget // (batch * batch))
+    return max(1, budget // (batch * (columns or batch)))

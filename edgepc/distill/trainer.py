@@ -106,7 +106,17 @@ class _Objective(nn.Module):
     ) -> None:
         super().__init__()
         self.alpha, self.beta, self.gamma = config.alpha, config.beta, config.gamma
-        self.pc = PerceptionCoherenceLoss(**config.pc) if config.beta or config.gamma else None
+        if not (self.alpha or self.beta or self.gamma or config.baselines):
+            raise TrainingError("nothing to train: alpha and beta are 0 and no baseline is set")
+        if (self.beta or config.baselines) and teacher_dim is None:
+            raise TrainingError("a distillation loss is configured but no teacher is given")
+        dims = {"student_dim": student_dim, "teacher_dim": teacher_dim}
+        self.pc = PerceptionCoherenceLoss(**config.pc, **dims) if config.beta else None
+        # Against the fp32 student: its own module, so that a queue holds teacher embeddings only
+        self.pc_fp32 = None
+        if config.gamma:
+            self.pc_fp32 = PerceptionCoherenceLoss(**config.pc, student_dim=student_dim,
+                                                   teacher_dim=student_dim)  # fmt: skip
         self.weights: dict[str, float] = {}
         self.baselines = nn.ModuleDict()
         self.indexed: set[str] = set()
@@ -118,10 +128,6 @@ class _Objective(nn.Module):
             self.baselines[name] = loss
             if "index" in inspect.signature(loss.forward).parameters:
                 self.indexed.add(name)  # e.g. CRD's memory bank: the batch's positions
-        if not (self.alpha or self.pc is not None or self.baselines):
-            raise TrainingError("nothing to train: alpha and beta are 0 and no baseline is set")
-        if (self.beta or self.baselines) and teacher_dim is None:
-            raise TrainingError("a distillation loss is configured but no teacher is given")
 
     @staticmethod
     def _filled(name: str, options: dict, sizes: dict) -> dict:
@@ -147,7 +153,7 @@ class _Objective(nn.Module):
         if self.beta:
             parts["pc"] = self.beta * self.pc(embeddings, teacher.embeddings)
         if self.gamma:
-            parts["pc_fp32"] = self.gamma * self.pc(embeddings, reference)
+            parts["pc_fp32"] = self.gamma * self.pc_fp32(embeddings, reference)
         for name, loss in self.baselines.items():
             if loss.inputs == "logits":
                 value = loss(logits.float(), teacher.logits)

@@ -38,6 +38,8 @@ class PCSection(Section):
     teacher_ranks: Literal["soft", "hard"] = "soft"
     # Width h of the neighbourhood weighting exp(-R_T / h) of each pair (None: every pair alike)
     neighbourhood: float | None = Field(None, gt=0)
+    # Ranks also counted against the last M inputs seen (a queue; None: the batch alone)
+    queue: int | None = Field(None, ge=1)
 
 
 class TrainSection(Section):

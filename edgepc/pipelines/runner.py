@@ -90,7 +90,12 @@ def default_cache() -> Path:
 
 # Options added after keys were first recorded: at their default they are left out of the key,
 # so that caches and the study's recorded runs stay valid.
-KEY_NEUTRAL_DEFAULTS = {"recalibrate_bn": False, "test_limit": None, "neighbourhood": None}
+KEY_NEUTRAL_DEFAULTS = {
+    "recalibrate_bn": False,
+    "test_limit": None,
+    "neighbourhood": None,
+    "queue": None,
+}
 
 
 def _key_content(value: object) -> object:
