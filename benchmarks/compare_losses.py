@@ -68,6 +68,16 @@ class SettingSpec(_Strict):
 class Pair(_Strict):
     title: str
     overrides: list[str]
+    # A committed teacher state dict (path from the repository root) loaded instead of training
+    # one: a teacher trained again on another machine type differs in its last digits.
+    teacher: str | None = None
+
+
+class Variant(_Strict):
+    """A named formulation of a registered loss: the method's runs plus these overrides."""
+
+    loss: str
+    overrides: list[str] = Field(min_length=1)
 
 
 class Deploy(_Strict):
@@ -83,15 +93,22 @@ class Study(_Strict):
     settings: dict[Setting, SettingSpec] = Field(min_length=1)
     pairs: dict[str, Pair] = Field(min_length=1)
     deploy: Deploy | None = None
+    variants: dict[str, Variant] = {}
 
     @model_validator(mode="after")
     def _known(self) -> Study:
         for method in self.methods:
-            if method not in ("scratch", *loss_names()):
-                raise ValueError(f"method {method!r} is neither scratch nor a registered loss")
+            if self.loss_of(method) not in ("scratch", *loss_names()):
+                raise ValueError(
+                    f"method {method!r} is neither scratch, a registered loss nor a variant"
+                )
         if self.deploy and self.deploy.pair not in self.pairs:
             raise ValueError(f"deploy.pair {self.deploy.pair!r} is not one of the pairs")
         return self
+
+    def loss_of(self, method: str) -> str:
+        """The registered loss (or scratch) that ``method`` runs: itself or its variant's."""
+        return self.variants[method].loss if method in self.variants else method
 
 
 def load_study(path: Path, profile: str | None = None) -> Study:
@@ -126,25 +143,28 @@ class Run:
 
     def overrides(self, study: Study) -> list[str]:
         spec = study.settings[self.setting]
-        train = "distill.train"
-        if self.method == "scratch":  # labels only, in both settings: the reference row
+        train, name = "distill.train", study.loss_of(self.method)
+        if name == "scratch":  # labels only, in both settings: the reference row
             loss = [f"{train}.alpha=1.0", f"{train}.beta=0", f"{train}.baselines={{}}"]
-        elif self.method == "pc":
+        elif name == "pc":
             loss = [f"{train}.alpha={spec.alpha}", f"{train}.baselines={{}}", f"{train}.beta=1.0"]
         else:
             loss = [f"{train}.alpha={spec.alpha}", f"{train}.beta=0",
-                    f"{train}.baselines={{{self.method}: {{weight: 1.0}}}}"]  # fmt: skip
+                    f"{train}.baselines={{{name}: {{weight: 1.0}}}}"]  # fmt: skip
+        variant = study.variants[self.method].overrides if self.method in study.variants else []
         trial = []
         if self.value is not None:
             if self.knob != "weight":
                 trial = [f"{self.knob}={self.value}"]
-            elif self.method == "pc":
+            elif name == "pc":
                 trial = [f"{train}.beta={self.value}"]
             else:
-                trial = [f"{train}.baselines={{{self.method}: {{weight: {self.value}}}}}"]
+                trial = [f"{train}.baselines={{{name}: {{weight: {self.value}}}}}"]
         deploy = study.deploy.overrides if self.deploy and study.deploy else []
-        pair = study.pairs[self.pair].overrides
-        return [*pair, *loss, *trial, f"distill.seed={self.seed}", *deploy]
+        pair = study.pairs[self.pair]
+        teacher = [f"teacher.checkpoint={ROOT / pair.teacher}"] if pair.teacher else []
+        return [*pair.overrides, *teacher, *loss, *variant, *trial, f"distill.seed={self.seed}",
+                *deploy]  # fmt: skip
 
     @property
     def label(self) -> str:

@@ -278,9 +278,29 @@ def test_an_option_added_later_leaves_stage_keys_alone_at_its_default():
     assert on["teacher"] == base["teacher"]
     assert on["distill"] != base["distill"]
     # The committed study records were keyed before these options existed (docs/RESULTS.json)
-    for option, used in (("data.test_limit", "1000"), ("distill.train.pc.neighbourhood", "0.1")):
+    for option, used in (
+        ("data.test_limit", "1000"),
+        ("distill.train.pc.neighbourhood", "0.1"),
+        ("distill.train.pc.queue", "512"),
+    ):
         assert stage_keys(load_config("cpu", overrides=[f"{option}=null"])) == base
         assert (
             stage_keys(load_config("cpu", overrides=[f"{option}={used}"]))["distill"]
             != (base["distill"])
         )
+
+
+def test_a_teacher_checkpoint_is_keyed_by_its_bytes_not_its_path(tmp_path):
+    from edgepc.pipelines.runner import stage_keys
+
+    def teacher_key(path):
+        return stage_keys(load_config("cpu", overrides=[f"teacher.checkpoint={path}"]))["teacher"]
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "t.pt").write_bytes(b"weights")
+    (tmp_path / "b.pt").write_bytes(b"weights")
+    assert teacher_key(tmp_path / "a" / "t.pt") == teacher_key(tmp_path / "b.pt")
+    (tmp_path / "b.pt").write_bytes(b"other weights")
+    assert teacher_key(tmp_path / "a" / "t.pt") != teacher_key(tmp_path / "b.pt")
+    # A file that cannot be read keeps its path in the key; loading it then fails clearly.
+    assert teacher_key(tmp_path / "none.pt") != teacher_key(tmp_path / "b.pt")

@@ -3,6 +3,7 @@ smoke run end to end on real Fashion-MNIST that a rerun reads back from MLflow."
 
 import json
 import re
+from collections import Counter
 
 import pytest
 import yaml
@@ -264,3 +265,80 @@ def test_loss_cost_table_has_every_transfer_loss_on_every_measured_device():
     for values in cells.values():
         assert len(values) == devices
         assert all(re.fullmatch(r"\d+\.\d / \d+", v) for v in values)
+
+
+def test_the_screen_profile_gives_pc_variants_and_baselines_matched_trials():
+    s = study("screen")
+    count = Counter(s.loss_of(m) for m in s.methods)
+    assert count["pc"] >= 2
+    assert count["rkd_angle"] == count["rkd_distance"] == count["pc"]  # matched search
+    for method in s.methods:
+        (run,) = study_module.trials(s, "fmnist-tiny", "class_unaware", method, 0)
+        config = load_config(s.pipeline, overrides=run.overrides(s))
+        assert config.teacher.checkpoint.endswith("fashion-mnist-mobilenetv2_1.0.pt")
+        assert config.distill.train.alpha == 0
+        if s.loss_of(method) == "pc":  # one formulation change each, no baseline, lr as studied
+            assert (config.distill.train.beta, config.distill.train.baselines) == (1.0, {})
+            assert config.distill.train.lr == 0.003
+        else:
+            assert config.distill.train.beta == 0
+            assert config.distill.train.baselines == {s.loss_of(method): {"weight": 1.0}}
+    # The pair is the study's own fmnist-tiny (a YAML merge), with the committed teacher added.
+    assert s.pairs["fmnist-tiny"].overrides == study().pairs["fmnist-tiny"].overrides
+
+
+@pytest.mark.slow
+def test_pc_variants_screens_confirms_and_chooses_on_validation_only(tmp_path, capsys):
+    variants = benchmark_script("pc_variants")
+    raw = yaml.safe_load((PIPELINES / "study.yaml").read_text())
+    smoke = raw["profiles"]["smoke"]
+    raw["profiles"] = {"screen": {
+        "seeds": [0, 1],
+        "methods": ["pc", "pc_tau0.1", "pc_q64", "rkd_angle", "rkd_angle_lr0.01", "rkd_angle_b32"],
+        "settings": {"class_unaware": {"alpha": 0, "select": "knn_top1", "grid": {"weight": [1]}}},
+        "pairs": smoke["pairs"],
+        "deploy": None,
+        "variants": {
+            "pc_tau0.1": {"loss": "pc", "overrides": ["distill.train.pc.tau=0.1"]},
+            "pc_q64": {"loss": "pc", "overrides": ["distill.train.pc.queue=64"]},
+            "rkd_angle_lr0.01": {"loss": "rkd_angle", "overrides": ["distill.train.lr=0.01"]},
+            "rkd_angle_b32": {"loss": "rkd_angle", "overrides": ["distill.train.batch_size=32"]},
+        },
+    }}  # fmt: skip
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "pc_variants.md"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--config", str(config), "--confirm", "2", "--out", str(out), "--cache",
+            str(tmp_path / "cache"), "--tracking-uri", store]  # fmt: skip
+    assert variants.main(args) == 0
+    first = json.loads(out.with_suffix(".json").read_text())
+    screened = {r["run"]["method"]: r["metrics"] for r in first["records"]
+                if r["phase"] == "screen"}  # fmt: skip
+    assert list(screened) == raw["profiles"]["screen"]["methods"]
+    confirmed = [r["run"] for r in first["records"] if r["phase"] == "confirm"]
+    assert all(run["seed"] == 1 for run in confirmed)
+    val = {m: v["distill.val_knn_top1"] for m, v in screened.items()}
+    families = {"pc": ["pc", "pc_tau0.1", "pc_q64"],
+                "rkd_angle": ["rkd_angle", "rkd_angle_lr0.01", "rkd_angle_b32"]}  # fmt: skip
+    for family, members in families.items():
+        best_two = sorted(members, key=lambda m: -val[m])[:2]
+        assert [r["method"] for r in confirmed if r["method"] in members] == best_two
+        both = {m: [r["metrics"]["distill.val_knn_top1"] for r in first["records"]
+                    if r["run"]["method"] == m] for m in best_two}  # fmt: skip
+        assert first["chosen"][family] == max(best_two, key=lambda m: sum(both[m]))
+    text = out.read_text()
+    assert text.count("**chosen**") == 2
+    after = text.split("## After the choice")[1]
+    assert "| rkd_angle | " in after
+    assert "tie (" in after or "wins (" in after or "loses (" in after
+    assert "distill.test" not in text.split("## After the choice")[0]
+    # The queue variant really ran with its queue: a different run from plain PC.
+    assert screened["pc_q64"]["distill.val_knn_top1"] != screened["pc"]["distill.val_knn_top1"]
+
+    # A new machine: an empty store, the committed records alone; nothing trains.
+    capsys.readouterr()
+    empty = [*args[:-1], f"sqlite:///{tmp_path / 'empty.db'}"]
+    assert variants.main([*empty, "--report-only"]) == 0
+    assert "0 runs trained, 10 read back" in capsys.readouterr().out  # 6 screened, 4 confirmed
+    assert json.loads(out.with_suffix(".json").read_text())["records"] == first["records"]

@@ -105,8 +105,20 @@ def _key_content(value: object) -> object:
     return {k: _key_content(v) for k, v in value.items() if k not in neutral or v != neutral[k]}
 
 
+def _file_digest(path: str) -> str:
+    """``sha256:<hex>`` of a file's bytes, or the path itself when it cannot be read (the stage
+    that opens it then says what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return path
+
+
 def stage_key(stage: Stage, config: PipelineConfig, upstream_keys: list[str]) -> str:
     dumped = _key_content(config.model_dump(mode="json"))
+    if dumped["teacher"]["checkpoint"]:  # the weights, not where they lie, decide the teacher
+        dumped["teacher"]["checkpoint"] = _file_digest(dumped["teacher"]["checkpoint"])
     content = {
         "stage": stage.name,
         "config": {s: dumped[s] for s in stage.sections},
