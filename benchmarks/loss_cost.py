@@ -24,7 +24,11 @@ import torch
 from tqdm import tqdm
 
 from edgepc import __version__
-from edgepc.coherence import perception_coherence_loss, perception_coherence_loss_reference
+from edgepc.coherence import (
+    PerceptionCoherenceLoss,
+    perception_coherence_loss,
+    perception_coherence_loss_reference,
+)
 from edgepc.distill.losses import build_loss
 from edgepc.distill.losses.dist import dist_loss
 from edgepc.distill.losses.kd import kd_loss
@@ -40,8 +44,22 @@ CLASSES = 10  # the logit-based losses (kd, dist) read the first CLASSES columns
 _FITNET = build_loss("fitnet", student_dim=DIM_STUDENT, teacher_dim=DIM_TEACHER)
 # CRD with its published defaults over a CIFAR-sized training set (its memory bank's size).
 _CRD = build_loss("crd", student_dim=DIM_STUDENT, teacher_dim=DIM_TEACHER, n_data=50_000)
+
+
+def _full_queue(m: int) -> PerceptionCoherenceLoss:
+    """PC with a queue of ``m`` references, already full (as after m / B training steps)."""
+    loss = PerceptionCoherenceLoss(queue=m, student_dim=DIM_STUDENT, teacher_dim=DIM_TEACHER)
+    gen = torch.Generator().manual_seed(m)
+    loss.queued_student.copy_(torch.randn(m, DIM_STUDENT, generator=gen))
+    loss.queued_teacher.copy_(torch.randn(m, DIM_TEACHER, generator=gen))
+    loss.queued.fill_(m)
+    return loss
+
+
+_PC_QUEUE = _full_queue(1024)
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "pc": perception_coherence_loss,
+    "pc_q1024": lambda s, t: _PC_QUEUE.to(s.device)(s, t),
     "pc_reference": perception_coherence_loss_reference,
     "rkd_angle": rkd_angle_loss,
     "rkd_distance": rkd_distance_loss,
@@ -207,6 +225,7 @@ def run(
     out_dir: Path,
     sizes: list[int] | None = None,
     losses: list[str] | None = None,
+    name: str | None = None,
 ) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -229,6 +248,7 @@ def run(
     report["targets"] = targets(points)
     suffix = "" if device.type == "cpu" else f"_{device.type}"
     stem = f"loss_cost{suffix}" + ("_quick" if quick else "_custom" if sizes or losses else "")
+    stem = f"{name}{suffix}" if name else stem
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text((out_dir / f"{stem}.json"), json.dumps(report, indent=2) + "\n")
     write_text((out_dir / f"{stem}.md"), markdown(report))
@@ -248,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), help="only these losses")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")
+    parser.add_argument("--name", help="file name stem (default: loss_cost[_cuda][_quick|_custom])")
     parser.add_argument(
         "--render",
         type=Path,
@@ -270,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "cuda" and not torch.cuda.is_available():
             continue
         report = run(torch.device(name), args.quick, args.repeats, args.out, args.sizes,
-                     args.losses)  # fmt: skip
+                     args.losses, args.name)  # fmt: skip
         print(markdown(report))
     return 0
 

@@ -19,14 +19,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.slow
 def test_loss_cost_measures_the_chosen_points(tmp_path):
     # A process of its own, as a user runs it: the memory probe spawns the script's module.
-    points = ["--sizes", "16", "--losses", "pc", "rkd_angle", "crd", "--repeats", "1"]
+    points = ["--sizes", "16", "--losses", "pc", "pc_q1024", "rkd_angle", "crd", "--repeats", "1"]
     command = [sys.executable, str(BENCHMARKS / "loss_cost.py"), "--device", "cpu", *points,
                "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "loss_cost_custom.json").read_text())
     assert [(p["loss"], p["batch"]) for p in report["points"]] == [
-        ("pc", 16), ("rkd_angle", 16), ("crd", 16)
+        ("pc", 16), ("pc_q1024", 16), ("rkd_angle", 16), ("crd", 16)
     ]  # fmt: skip
     assert all(p["seconds"] > 0 and p["peak_mib"] >= 0 for p in report["points"])
     table = (tmp_path / "loss_cost_custom.md").read_text()
