@@ -809,9 +809,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=PIPELINES / "study.yaml")
     parser.add_argument("--profile", help="a profile of the study config (smoke)")
-    parser.add_argument("--pairs", nargs="*", help="train only these pairs (default: all)")
+    parser.add_argument("--pairs", nargs="+", help="train only these pairs (default: all)")
     parser.add_argument(
-        "--methods", nargs="*",
+        "--methods", nargs="+",
         help="train only these methods (default: all); e.g. split a pair across processes",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=PIPELINES / "study.yaml")
     parser.add_argument("--profile", default="screen")
     parser.add_argument("--confirm", type=int, default=3, help="methods per family with every seed")
-    parser.add_argument("--methods", nargs="*", help="only these methods (split across processes)")
+    parser.add_argument("--methods", nargs="+", help="only these methods (split across processes)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--cache", type=Path, default=None, help=f"default {default_cache()}")
     parser.add_argument("--tracking-uri", help="MLflow store (default: the project's)")
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.config, args.profile)
         if args.methods:
+            unknown = sorted(set(args.methods) - set(study.methods))
+            if unknown:
+                raise ValueError(f"unknown methods {unknown}; the profile has {study.methods}")
             study = study.model_copy(update={"methods": args.methods})
         recorded = Recorded.read(args.out.with_suffix(".json"))
         execute = Executor(study, Tracker(args.tracking_uri), args.cache or default_cache(),
