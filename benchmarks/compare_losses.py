@@ -756,6 +756,7 @@ def report(
         "",
         summary_table(study, records, pairs) or "(no pair has every seed of PC and a baseline)",
         "",
+        *_variants_line(out),
         f"![accuracy by method](results/{study.name}-accuracy.png)",
         "",
         f"![coherence against accuracy](results/{study.name}-coherence.png)",
@@ -803,6 +804,17 @@ def report(
     lines += ["## Cost per training step of each loss", "", loss_cost_table(), ""]
     lines += ["`train img/s` in the tables above is the whole training step of each run.", ""]
     return "\n".join(lines)
+
+
+def _variants_line(out: Path) -> list[str]:
+    """A pointer to the formulation study when it sits beside this report."""
+    variants = out.parent / "results" / "pc_variants.md"
+    if not variants.is_file():
+        return []
+    link = "[results/pc_variants.md](results/pc_variants.md)"
+    return ["Which formulation of PC to run (τ, hard teacher, cosine, batch, neighbourhood "
+            "weighting, a queue of references; chosen on the validation split, with matched "
+            f"trials for the strongest baselines): {link}.", ""]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -271,7 +271,7 @@ def test_the_screen_profile_gives_pc_variants_and_baselines_matched_trials():
     s = study("screen")
     count = Counter(s.loss_of(m) for m in s.methods)
     assert count["pc"] >= 2
-    assert count["rkd_angle"] == count["rkd_distance"] == count["pc"]  # matched search
+    assert count["rkd_angle"] == count["rkd_distance"] == count["crd"] == count["pc"]  # matched
     for method in s.methods:
         (run,) = study_module.trials(s, "fmnist-tiny", "class_unaware", method, 0)
         config = load_config(s.pipeline, overrides=run.overrides(s))
