@@ -45,6 +45,9 @@ from edgepc.pipelines.runner import default_cache
 from edgepc.tracking import Tracker, git_commit
 
 OUT = ROOT / "docs" / "results" / "pc_variants.md"
+# python benchmarks/loss_cost.py --sizes 256 --losses pc pc_q1024 rkd_angle rkd_distance crd
+#   --name loss_cost_variants --out docs/results
+COST = OUT.parent / "loss_cost_variants.json"
 SHOWN = ("knn_top1", "probe_top1", "pc_triplet_agreement")
 
 
@@ -196,7 +199,29 @@ def report(study: Study, records: list[Record], command: str, seconds: float) ->
                 verdict(test["pc"][k], t[k]) for k in ("knn_top1", "probe_top1")]  # fmt: skip
             lines.append(f"| {family} | {method} | " + " | ".join(str(t[k]) for k in SHOWN)
                          + " | " + " | ".join(against) + " |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *step_cost(COST)]) + "\n"
+
+
+def step_cost(path: Path) -> list[str]:
+    """The loss_cost run beside the report (forward + backward of each loss), if there is one."""
+    if not path.is_file():
+        return []
+    cost = json.loads(path.read_text())
+    points = [p for p in cost["points"] if p["seconds"] is not None]
+    cells = [f"| {p['loss']} | {p['batch']} | {1000 * p['seconds']:.1f} | {p['peak_mib']:.0f} |"
+             for p in points]  # fmt: skip
+    return [
+        "",
+        "## Cost of one step of each loss",
+        "",
+        f"Forward + backward on random features (d_S = 128, d_T = 512), {cost['device_name']}, "
+        f"{cost['threads']} threads, median of {cost['repeats']}: `{cost['command']}` "
+        f"({cost['when'][:10]}).",
+        "",
+        "| loss | B | ms | peak extra MiB |",
+        "|---|---|---|---|",
+        *cells,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
