@@ -277,9 +277,12 @@ def test_the_screen_profile_gives_pc_variants_and_baselines_matched_trials():
         config = load_config(s.pipeline, overrides=run.overrides(s))
         assert config.teacher.checkpoint.endswith("fashion-mnist-mobilenetv2_1.0.pt")
         assert config.distill.train.alpha == 0
-        if s.loss_of(method) == "pc":  # one formulation change each, no baseline, lr as studied
+        train = config.distill.train  # the name says what the variant changes: _b<B>, _lr<lr>
+        lr = float(method.split("_lr")[1]) if "_lr" in method else 0.003
+        batch = int(method.split("_b")[1].split("_")[0]) if "_b" in method else 128
+        assert (train.lr, train.batch_size) == (lr, batch)
+        if s.loss_of(method) == "pc":  # a formulation change each, no baseline
             assert (config.distill.train.beta, config.distill.train.baselines) == (1.0, {})
-            assert config.distill.train.lr == 0.003
         else:
             assert config.distill.train.beta == 0
             assert config.distill.train.baselines == {s.loss_of(method): {"weight": 1.0}}
