@@ -200,7 +200,7 @@ def markdown(report: dict) -> str:
         "| loss | " + " | ".join(f"B={b}" for b in sizes) + " |",
         "|---|" + "---|" * len(sizes),
     ]
-    for name in LOSSES:
+    for name in dict.fromkeys(p.loss for p in points):  # the measured losses, in order
         cells = []
         for b in sizes:
             p = lookup(points, name, b)
