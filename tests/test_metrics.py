@@ -115,7 +115,8 @@ def test_metric_names_are_the_logged_ones():
 @pytest.mark.parametrize(
     ("s", "t", "message"),
     [
-        (torch.randn(5, 5), torch.randn(4, 4), "square matrices of one size"),
+        (torch.randn(5, 5), torch.randn(4, 4), "B×N matrices of one shape"),
+        (torch.randn(3, 5), torch.randn(3, 5), "square N×N matrices"),  # the loss takes B×N
         (torch.randn(2, 2), torch.randn(2, 2), "at least 3"),
         (torch.full((4, 4), float("nan")), torch.rand(4, 4), "NaN or Inf"),
     ],
