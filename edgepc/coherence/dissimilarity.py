@@ -34,14 +34,16 @@ def check_features(*features: Tensor, min_batch: int = 3) -> None:
             raise ValueError("features contain NaN or Inf: check the model's output and the loss")
 
 
-def check_dissimilarity_matrices(student: Tensor, teacher: Tensor) -> int:
+def check_dissimilarity_matrices(student: Tensor, teacher: Tensor, square: bool = False) -> int:
     """Raise a ValueError unless both are finite B×N matrices of one shape, B >= 3 and N >= B
-    (the batch's columns first, then any references); return B."""
+    (the batch's columns first, then any references; ``square``: N = B); return B."""
     if student.shape != teacher.shape or student.ndim != 2 or student.shape[0] > student.shape[1]:
         raise ValueError(
             "dissimilarities must be two B×N matrices of one shape with N >= B (the batch, then "
             f"any references), got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
+    if square and student.shape[0] != student.shape[1]:
+        raise ValueError(f"dissimilarities must be square N×N matrices, got {tuple(student.shape)}")
     if student.shape[0] < 3:
         raise ValueError(f"batch size {student.shape[0]} < 3: ranking needs at least 3 inputs")
     if not (bool(torch.isfinite(student).all()) and bool(torch.isfinite(teacher).all())):

@@ -333,9 +333,9 @@ class PerceptionCoherenceLoss(nn.Module):
     def _push(self, student: Tensor, teacher: Tensor) -> None:
         """The batch into the queue, overwriting the oldest entries (slot = count mod M)."""
         keep = min(len(student), self.queue)
-        slots = (int(self.queued) + torch.arange(keep)) % self.queue
-        self.queued_student[slots.to(student.device)] = student[-keep:].to(self.queued_student)
-        self.queued_teacher[slots.to(teacher.device)] = teacher[-keep:].to(self.queued_teacher)
+        slots = (int(self.queued) + torch.arange(keep, device=self.queued.device)) % self.queue
+        self.queued_student[slots] = student[-keep:].to(self.queued_student)
+        self.queued_teacher[slots] = teacher[-keep:].to(self.queued_teacher)
         self.queued += keep
 
     def extra_repr(self) -> str:

@@ -130,9 +130,7 @@ def coherence_metrics_from_dissimilarities(
     s_dis: Tensor, t_dis: Tensor, block_rows: int = 256
 ) -> CoherenceMetrics:
     """pc_* metrics from full N×N student and teacher dissimilarity matrices (diagonal ignored)."""
-    if s_dis.ndim != 2 or s_dis.shape[0] != s_dis.shape[-1]:
-        raise ValueError(f"dissimilarities must be square N×N matrices, got {tuple(s_dis.shape)}")
-    check_dissimilarity_matrices(s_dis, t_dis)
+    check_dissimilarity_matrices(s_dis, t_dis, square=True)
     return _accumulate(
         lambda rows: (s_dis[rows.to(s_dis.device)], t_dis[rows.to(t_dis.device)]),
         s_dis.shape[0],
