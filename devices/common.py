@@ -253,6 +253,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def x86_without_vnni() -> bool:
+    """An x86 CPU without VNNI (or unknown flags): onnxruntime's fast uint8 × int8 kernels
+    saturate there, so the cpu script asks for its exact kernels (as edgepc's validate stage)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return not {"avx512_vnni", "avx_vnni"} & set(flags)
+
+
 def device_info(runtime: str, runtime_version: str, extra: dict | None = None) -> dict:
     return {
         "name": platform.node(),

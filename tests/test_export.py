@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -20,7 +21,7 @@ from edgepc.export.bundle import (
     read_manifest,
 )
 from edgepc.export.parity import parity, violations
-from edgepc.export.runtimes import normalise, open_runtime
+from edgepc.export.runtimes import normalise, onnx_session_options, open_runtime, x86_without_vnni
 from edgepc.export.tensorrt import check_onnx
 from edgepc.measure import interleaved_latency, latency
 from edgepc.pipelines.config import ExportSection
@@ -59,6 +60,13 @@ def test_each_writer_matches_pytorch_in_its_runtime(tmp_path, setup, target):
             assert row["top1_agreement"] == 1.0
             assert row["max_logit_delta"] < 1e-4
         sizes[source] = path.stat().st_size
+        if path.suffix == ".onnx":  # the graph alone: no exporter text (signature, stack traces)
+            graph = onnx.load(path).graph
+            assert not graph.metadata_props
+            assert not graph.value_info
+            assert not any(n.metadata_props or n.doc_string for n in graph.node)
+            zero_points = [n.input[2] for n in graph.node if n.op_type == "DequantizeLinear"]
+            assert len(set(zero_points)) == len(zero_points)  # none shared (see exact kernels)
         assert read_manifest(folder) == manifest  # every sha256 checks out
         if target == "mobile" and source == "ptq":
             assert manifest.input.dtype == "int8"
@@ -69,6 +77,14 @@ def test_each_writer_matches_pytorch_in_its_runtime(tmp_path, setup, target):
         if target == "jetson" and source == "ptq":
             assert check_onnx(path)["per_channel"] == 2 * 5  # 3 conv + 2 linear weights
             assert manifest.input.quantization.zero_point == 0
+        if path.suffix == ".onnx" and source == "ptq":
+            # onnxruntime's exact int8 kernels (what x86 CPUs without VNNI get) take the file
+            # and compute the PyTorch graph's numbers
+            options = onnx_session_options(threads=1)
+            options.add_session_config_entry("session.x64quantprecision", "1")
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            exact = session.run(["logits"], {"images": x})[0]
+            assert np.abs(exact - reference[0]).max() < 0.02 * np.abs(reference[0]).max()
         if target == "cpu" and source == "ptq":
             stored = onnx.load(path)
             weights = [numpy_helper.to_array(i) for i in stored.graph.initializer]
@@ -79,6 +95,31 @@ def test_each_writer_matches_pytorch_in_its_runtime(tmp_path, setup, target):
             qdq = open_runtime(write_qdq(tmp_path, int8["cpu"], x[:2]), threads=1).predict(x)
             np.testing.assert_allclose(got[0], qdq[0], atol=1e-5)
     assert sizes["ptq"] < 0.4 * sizes["fp32"] or target == "jetson"
+
+
+def test_exact_int8_kernels_are_asked_for_exactly_where_vnni_is_missing(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cases = {
+        "flags\t\t: fpu sse4_2 avx avx2 fma\n": True,  # AVX2 only: saturating uint8 × int8
+        "flags\t\t: avx2 avx512f avx512bw\n": True,  # AVX-512 without VNNI
+        "flags\t\t: avx2 avx512f avx512_vnni\n": False,
+        "flags\t\t: avx2 avx_vnni\n": False,
+        "model name\t: some CPU\n": True,  # no flags line: cannot tell, exact is always right
+    }
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    for text, expected in cases.items():
+        cpuinfo.write_text(text)
+        assert x86_without_vnni(cpuinfo) is expected, text
+    assert x86_without_vnni(tmp_path / "absent") is True
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")  # ARM: no such kernels
+    assert x86_without_vnni(tmp_path / "absent") is False
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    key = "session.x64quantprecision"
+    monkeypatch.setattr("edgepc.export.runtimes.x86_without_vnni", lambda: True)
+    assert onnx_session_options(1).get_session_config_entry(key) == "1"
+    monkeypatch.setattr("edgepc.export.runtimes.x86_without_vnni", lambda: False)
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        onnx_session_options(1).get_session_config_entry(key)  # unset: the fast kernels
 
 
 def write_qdq(tmp_path, graph, example):

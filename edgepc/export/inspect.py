@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepc.export.runtimes import onnx_session_options
 from edgepc.export.writers import missing, quiet_native_logs
 
 # float ops where int8 ones exist (Fused*: onnxruntime's float op with its activation)
@@ -36,10 +37,8 @@ def onnxruntime_ops(path: Path) -> Counter[str]:
     except ImportError:
         raise missing("onnxruntime", "cpu") from None
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
+        options = onnx_session_options(threads=1)
         options.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
-        options.log_severity_level = 3
-        options.intra_op_num_threads = 1
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         graph = onnx.load(options.optimized_model_filepath).graph
     return Counter(

@@ -7,15 +7,20 @@ scales stored in the file. Only numpy and the runtime's own package are used her
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from edgepc.export.writers import OUTPUTS, ExportError, missing, quiet_native_logs
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 @dataclass
@@ -44,17 +49,43 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def onnx_runtime(path: Path, threads: int) -> Runtime:
-    """onnxruntime's CPU provider with ``threads`` intra-op threads, ops run one at a time."""
+def x86_without_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """An x86 CPU without VNNI (AVX-512 VNNI or AVX-VNNI) by its flags in ``cpuinfo``, or one
+    whose flags cannot be read. There onnxruntime's fast uint8 × int8 kernels add each pair of
+    products in a saturating int16 (``vpmaddubsw``): int8 logits drift from the PyTorch graph."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     try:
-        import onnxruntime as ort
-    except ImportError:
-        raise missing("onnxruntime", "cpu") from None
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return not {"avx512_vnni", "avx_vnni"} & set(flags)
+
+
+def onnx_session_options(threads: int) -> onnxruntime.SessionOptions:
+    """``threads`` intra-op threads, ops one at a time; on :func:`x86_without_vnni` CPUs the exact
+    uint8 × uint8 int8 kernels (slower, no saturation). Not set elsewhere: onnxruntime would take
+    the slower kernels on VNNI CPUs too."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    if x86_without_vnni():
+        options.add_session_config_entry("session.x64quantprecision", "1")
+    return options
+
+
+def onnx_runtime(path: Path, threads: int) -> Runtime:
+    """onnxruntime's CPU provider with :func:`onnx_session_options`."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise missing("onnxruntime", "cpu") from None
+    options = onnx_session_options(threads)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     (feed,) = (i.name for i in session.get_inputs())
 
@@ -62,7 +93,8 @@ def onnx_runtime(path: Path, threads: int) -> Runtime:
         logits, embedding = session.run(list(OUTPUTS), {feed: x})
         return logits, embedding
 
-    return Runtime(f"onnxruntime {ort.__version__}", run, None)
+    exact = " (exact int8: no VNNI)" if x86_without_vnni() else ""
+    return Runtime(f"onnxruntime {ort.__version__}{exact}", run, None)
 
 
 def litert_runtime(path: Path, threads: int) -> Runtime:

@@ -135,6 +135,30 @@ def store_int8_weights(model: onnx.ModelProto) -> int:
     return len(folded)
 
 
+def unshare_zero_points(model: onnx.ModelProto) -> int:
+    """Give each DequantizeLinear its own zero-point initializer. The exporter lets weights of
+    one width share a zero-point tensor, and onnxruntime's exact int8 mode (``session.
+    x64quantprecision``, :func:`edgepc.export.runtimes.x86_without_vnni`) rewrites each weight's
+    zero point to uint8 under one name per weight: on a shared one session creation fails with
+    "Attempt to replace the existing tensor". Returns how many copies were made."""
+    inits = {i.name: i for i in model.graph.initializer}
+    seen: set[str] = set()
+    copies = 0
+    for node in model.graph.node:
+        name = node.input[2] if node.op_type == "DequantizeLinear" and len(node.input) > 2 else ""
+        if name not in inits:
+            continue
+        if name in seen:
+            copies += 1
+            while f"{name}.{copies}" in inits:
+                copies += 1
+            copy = model.graph.initializer.add()
+            copy.CopyFrom(inits[name])
+            copy.name = node.input[2] = f"{name}.{copies}"
+        seen.add(name)
+    return copies
+
+
 def write_onnx(
     model: nn.Module,
     example: torch.Tensor,
@@ -173,10 +197,12 @@ def write_onnx(
         drop_weight_clips(proto)
         if int8_weights:
             store_int8_weights(proto)
+        unshare_zero_points(proto)
         for node in proto.graph.node:  # the exporter's stack traces: a third of a small file
             del node.metadata_props[:]
             node.doc_string = ""
         del proto.graph.value_info[:]  # cached shapes of inner tensors: runtimes infer them
+        del proto.graph.metadata_props[:]  # the exporter's graph signature, as text (16-43 kB)
         onnx.save(proto, str(tmp))
     return path
 
