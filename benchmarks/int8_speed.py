@@ -40,7 +40,8 @@ import torchvision
 from tqdm import tqdm
 
 from edgepc.export.bundle import WRITERS
-from edgepc.export.runtimes import open_runtime
+from edgepc.export.inspect import tflite_bytes
+from edgepc.export.runtimes import open_runtime, x86_without_vnni
 from edgepc.export.writers import quiet_native_logs
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
@@ -145,6 +146,8 @@ def measure(
                 "variant": variant,
                 "size_mb": path.stat().st_size / 2**20,
             }
+            if path.suffix == ".tflite":
+                rows[net, target, variant]["bytes"] = tflite_bytes(path)
             for count in threads:
                 with quiet_native_logs():
                     runtime = open_runtime(path, count)
@@ -177,10 +180,16 @@ def markdown(rows: list[dict], threads: list[int], meta: dict) -> str:
     for count in threads:
         heads += [f"p50 ms {count}t", f"speed vs fp32 {count}t"]
     heads.append("speed vs ORT quantize_static 1t")
+    vnni = (
+        "VNNI: onnxruntime's fast uint8 × int8 kernels"
+        if meta.get("vnni", True)
+        else "no VNNI: onnxruntime's exact uint8 × uint8 int8 kernels, its fast ones saturate here"
+    )
     lines = [
         "# int8 speed: edgepc's recipes against fp32 and onnxruntime's quantize_static",
         "",
-        f"{meta['cpu']}, batch 1, {meta['iterations']} timed runs per file and thread count in "
+        f"{meta['cpu']} ({vnni}), batch 1, {meta['iterations']} timed runs per file and thread "
+        "count in "
         f"{meta['rounds']} interleaved rounds; {meta['date']}. Speed = fp32 p50 / file p50 "
         "(> 1: faster than fp32).",
         f"Reproduce: `{meta['command']}`",
@@ -201,7 +210,28 @@ def markdown(rows: list[dict], threads: list[int], meta: dict) -> str:
     lines += ["", "int8 slower than fp32 at 1 thread: " + (
         ", ".join(f"{r['net']} {r['runtime']} {r['variant']} ({r['speed_vs_fp32_1t']:.2f}×)"
                   for r in slower) or "none")]  # fmt: skip
+    lines += ["", *size_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def size_table(rows: list[dict]) -> list[str]:
+    """Where the bytes of each LiteRT file go (kB): the fixed cost of per-channel quantization
+    (a float32 scale and an int64 zero point per channel, weights and biases) is what keeps int8
+    files from being a quarter of fp32 ones."""
+    kinds = ["float32", "int8", "int32", "quantization", "names", "other"]
+    lines = [
+        "Where the bytes of each LiteRT file go (kB; `quantization`: a float32 scale and an "
+        "int64 zero point per channel of every weight and bias):",
+        "",
+        "| network | file | " + " | ".join(kinds) + " | × smaller |",
+        "|" + "---|" * (len(kinds) + 3),
+    ]
+    for row in rows:
+        if "bytes" in row:
+            cells = [f"{row['bytes'].get(k, 0) / 1000:.1f}" for k in kinds]
+            lines.append(f"| {row['net']} | {row['variant']} | " + " | ".join(cells)
+                         + f" | {row['fp32_size_ratio']:.2f} |")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = measure(built, args.threads, args.rounds, args.warmup, args.iterations)
     meta = {
         "cpu": cpu_name(),
+        "vnni": not x86_without_vnni(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "rounds": args.rounds,
         "iterations": args.iterations,

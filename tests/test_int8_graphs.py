@@ -163,6 +163,19 @@ def test_int8_speed_writes_its_table_with_ratios(tmp_path, speed):
         assert row["iterations_1t"] == 5
         if variant != "fp32":
             assert row["fp32_size_ratio"] > 2.0  # int8 weights
+    weights = sum(p.numel() for p in build_model("tiny_cnn", 10, 1).parameters() if p.ndim > 1)
+    for variant in ("fp32", "int8 ptq"):  # where a LiteRT file's bytes go, summing to its size
+        parts = rows["LiteRT", variant]["bytes"]
+        assert sum(parts.values()) == round(rows["LiteRT", variant]["size_mb"] * 2**20)
+        assert parts["other"] >= 0
+        if variant == "fp32":
+            assert parts["float32"] >= 4 * weights
+            assert parts.get("int8", 0) == parts["quantization"] == 0
+        else:
+            assert weights <= parts["int8"] < weights + 1000  # + the int8 constants, if any
+            assert parts.get("float32", 0) == 0  # full integer
+            assert parts["quantization"] > 0
     table = (tmp_path / "int8_speed.md").read_text()
     assert "| tiny_cnn | 1×28×28 | onnxruntime | int8 ptq |" in table
+    assert "| tiny_cnn | int8 ptq |" in table  # the size table
     assert np.isfinite(rows["onnxruntime", "int8 ptq"]["speed_vs_control_1t"])

@@ -109,3 +109,31 @@ def _constant_tensors(path: Path) -> set[int]:
         for index, tensor in enumerate(model.subgraphs[0].tensors)
         if buffers[tensor.buffer].data is not None and len(buffers[tensor.buffer].data) > 0
     }
+
+
+def tflite_bytes(path: Path) -> dict[str, int]:
+    """Where the bytes of a .tflite go: constant data by type (``int8`` weights, ``int32``
+    biases, ``float32`` ...), ``quantization`` parameters (per channel: a float32 scale and an
+    int64 zero point, the format's fixed cost), tensor ``names``, and ``other`` (the flatbuffer's
+    tables, op options, alignment); the parts sum to the file's size."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    types = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    parts: dict[str, int] = {}
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            data = model.buffers[tensor.buffer].data
+            if data is not None and len(data):
+                kind = types.get(tensor.type, str(tensor.type))
+                parts[kind] = parts.get(kind, 0) + len(data)
+            q = tensor.quantization
+            if q is not None:
+                sizes = ((q.scale, 4), (q.zeroPoint, 8), (q.min, 4), (q.max, 4))
+                quant = sum(np.size(a) * n for a, n in sizes if a is not None)
+                parts["quantization"] = parts.get("quantization", 0) + int(quant)
+            parts["names"] = parts.get("names", 0) + len(tensor.name or b"")
+    parts["other"] = path.stat().st_size - sum(parts.values())
+    return parts
