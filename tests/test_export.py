@@ -80,8 +80,7 @@ def test_each_writer_matches_pytorch_in_its_runtime(tmp_path, setup, target):
         if path.suffix == ".onnx" and source == "ptq":
             # onnxruntime's exact int8 kernels (what x86 CPUs without VNNI get) take the file
             # and compute the PyTorch graph's numbers
-            options = onnx_session_options(threads=1)
-            options.add_session_config_entry("session.x64quantprecision", "1")
+            options = onnx_session_options(threads=1, exact=True)
             session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             exact = session.run(["logits"], {"images": x})[0]
             assert np.abs(exact - reference[0]).max() < 0.02 * np.abs(reference[0]).max()

@@ -63,10 +63,10 @@ def x86_without_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
-def onnx_session_options(threads: int) -> onnxruntime.SessionOptions:
-    """``threads`` intra-op threads, ops one at a time; on :func:`x86_without_vnni` CPUs the exact
-    uint8 × uint8 int8 kernels (slower, no saturation). Not set elsewhere: onnxruntime would take
-    the slower kernels on VNNI CPUs too."""
+def onnx_session_options(threads: int, exact: bool | None = None) -> onnxruntime.SessionOptions:
+    """``threads`` intra-op threads, ops one at a time; ``exact`` (default: on
+    :func:`x86_without_vnni` CPUs) the exact uint8 × uint8 int8 kernels (slower, no saturation).
+    Not elsewhere: onnxruntime would take the slower kernels on VNNI CPUs too."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -74,7 +74,7 @@ def onnx_session_options(threads: int) -> onnxruntime.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    if x86_without_vnni():
+    if x86_without_vnni() if exact is None else exact:
         options.add_session_config_entry("session.x64quantprecision", "1")
     return options
 
@@ -85,7 +85,8 @@ def onnx_runtime(path: Path, threads: int) -> Runtime:
         import onnxruntime as ort
     except ImportError:
         raise missing("onnxruntime", "cpu") from None
-    options = onnx_session_options(threads)
+    exact = x86_without_vnni()
+    options = onnx_session_options(threads, exact)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     (feed,) = (i.name for i in session.get_inputs())
 
@@ -93,8 +94,8 @@ def onnx_runtime(path: Path, threads: int) -> Runtime:
         logits, embedding = session.run(list(OUTPUTS), {feed: x})
         return logits, embedding
 
-    exact = " (exact int8: no VNNI)" if x86_without_vnni() else ""
-    return Runtime(f"onnxruntime {ort.__version__}{exact}", run, None)
+    name = f"onnxruntime {ort.__version__}" + (" (exact int8: no VNNI)" if exact else "")
+    return Runtime(name, run, None)
 
 
 def litert_runtime(path: Path, threads: int) -> Runtime:
