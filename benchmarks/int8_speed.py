@@ -12,9 +12,11 @@ does not depend on their values (the pipeline measures the recipes' accuracy).
 Files per network, written by edgepc's own writers:
 
 - onnxruntime: fp32; edgepc int8 from the PTQ recipe and from the QAT recipe (its
-  fake-quant graph converted); and the control a user would otherwise pick: onnxruntime's
-  ``quant_pre_process`` then ``quantize_static`` of the same fp32 file (QDQ, uint8
-  activations, int8 per-channel weights, the same 16 calibration images);
+  fake-quant graph converted), both with the cpu recipe's 7-bit weights, and PTQ with 8-bit
+  weights; and the control a user would otherwise pick: onnxruntime's ``quant_pre_process``
+  then ``quantize_static`` of the same fp32 file (QDQ, uint8 activations, int8 per-channel
+  weights, the same 16 calibration images), with 8-bit weights and with 7-bit ones
+  (``reduce_range``); each edgepc file is compared with the control of its weights' bits;
 - LiteRT: fp32 and edgepc int8 (PTQ, QAT), full-integer.
 
 Every file runs in every round (1 and 2 threads; ``--iterations`` timed calls per file and
@@ -48,6 +50,7 @@ from edgepc.hardware import cpu_name
 from edgepc.measure import interleaved_latency
 from edgepc.models import MODELS, EmbeddingModel, build_model
 from edgepc.quant import convert, prepare
+from edgepc.quant.recipes import recipe
 
 STANDARD_STEMS: dict[str, Callable[[], EmbeddingModel]] = {
     "mobilenetv2_0.5@224": lambda: EmbeddingModel(
@@ -60,6 +63,9 @@ STANDARD_STEMS: dict[str, Callable[[], EmbeddingModel]] = {
 STUDENTS = [name for name, spec in MODELS.items() if spec.role == "student"]
 CALIBRATION = 16
 TARGETS = {"cpu": "onnxruntime", "mobile": "LiteRT"}
+# edgepc's int8 files: variant -> (QAT, weight bits; None: the target recipe's)
+VARIANTS = {"ptq": (False, None), "qat": (True, None), "ptq 8-bit": (False, 8)}
+CONTROLS = {8: "int8 ort quantize_static", 7: "int8 ort quantize_static reduce_range"}
 
 
 def network(name: str) -> tuple[EmbeddingModel, torch.Tensor]:
@@ -77,8 +83,9 @@ def network(name: str) -> tuple[EmbeddingModel, torch.Tensor]:
     return model.eval(), torch.randn(CALIBRATION, *shape)
 
 
-def ort_control(fp32: Path, images: np.ndarray, path: Path) -> Path:
-    """onnxruntime's own static quantization of ``fp32``: what a user would otherwise run."""
+def ort_control(fp32: Path, images: np.ndarray, path: Path, bits: int) -> Path:
+    """onnxruntime's own static quantization of ``fp32`` (``bits``-bit weights: 7 is its
+    ``reduce_range``): what a user would otherwise run."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -97,37 +104,38 @@ def ort_control(fp32: Path, images: np.ndarray, path: Path) -> Path:
     pre = path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
     quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
+                    per_channel=True, reduce_range=bits == 7, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)  # fmt: skip
     pre.unlink()
     return path
 
 
-def files(name: str, folder: Path) -> dict[tuple[str, str], Path]:
-    """{(target, variant): model file} for one network."""
+def files(name: str, folder: Path) -> dict[tuple[str, str], tuple[Path, int | None]]:
+    """{(target, variant): (model file, its weights' bits; None for fp32)} for one network."""
     model, images = network(name)
-    out: dict[tuple[str, str], Path] = {}
-    int8 = {}
-    for recipe, qat in (("ptq", False), ("qat", True)):
-        for target in TARGETS:
-            quant = prepare(model, target, images, qat=qat)
-            quant.calibrate([images])
-            int8[target, recipe] = convert(quant)
+    out: dict[tuple[str, str], tuple[Path, int | None]] = {}
     for target in TARGETS:
         sub = folder / target
-        out[target, "fp32"] = WRITERS[target](model, images[:2], sub / "fp32", False)
-        for recipe in ("ptq", "qat"):
-            (sub / recipe).mkdir(parents=True, exist_ok=True)
-            graph = int8[target, recipe]
-            out[target, f"int8 {recipe}"] = WRITERS[target](graph, images[:2], sub / recipe, True)
-    (folder / "ort").mkdir(exist_ok=True)
-    control = ort_control(out["cpu", "fp32"], images.numpy(), folder / "ort" / "model.onnx")
-    out["cpu", "int8 ort quantize_static"] = control
+        out[target, "fp32"] = WRITERS[target](model, images[:2], sub / "fp32", False), None
+        for variant, (qat, bits) in VARIANTS.items():
+            own = recipe(target).weight_bits
+            if bits == own:  # the recipe's own bits: the plain variant already
+                continue
+            quant = prepare(model, target, images, qat=qat, weight_bits=bits)
+            quant.calibrate([images])
+            (sub / variant).mkdir(parents=True, exist_ok=True)
+            path = WRITERS[target](convert(quant), images[:2], sub / variant, True)
+            out[target, f"int8 {variant}"] = path, bits or own
+    fp32 = out["cpu", "fp32"][0]
+    for bits, variant in CONTROLS.items():
+        (folder / f"ort{bits}").mkdir()
+        path = ort_control(fp32, images.numpy(), folder / f"ort{bits}" / "model.onnx", bits)
+        out["cpu", variant] = path, bits
     return out
 
 
 def measure(
-    built: dict[str, dict[tuple[str, str], Path]],
+    built: dict[str, dict[tuple[str, str], tuple[Path, int | None]]],
     threads: list[int],
     rounds: int,
     warmup: int,
@@ -138,12 +146,13 @@ def measure(
     for net, paths in built.items():
         shape = network_shape(net)
         image = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-        for (target, variant), path in paths.items():
+        for (target, variant), (path, bits) in paths.items():
             rows[net, target, variant] = {
                 "net": net,
                 "input": "×".join(map(str, shape)),
                 "runtime": TARGETS[target],
                 "variant": variant,
+                "weight_bits": bits,
                 "size_mb": path.stat().st_size / 2**20,
             }
             if path.suffix == ".tflite":
@@ -161,7 +170,7 @@ def measure(
         }
     for (net, target, _), row in rows.items():
         fp32 = rows[net, target, "fp32"]
-        control = rows.get((net, target, "int8 ort quantize_static"))
+        control = rows.get((net, target, CONTROLS.get(row["weight_bits"], "")))
         row["fp32_size_ratio"] = fp32["size_mb"] / row["size_mb"]
         for count in threads:
             key = f"p50_ms_{count}t"
@@ -176,14 +185,15 @@ def network_shape(name: str) -> tuple[int, int, int]:
 
 
 def markdown(rows: list[dict], threads: list[int], meta: dict) -> str:
-    heads = ["network", "input", "runtime", "file", "MB", "× smaller"]
+    heads = ["network", "input", "runtime", "file", "weight bits", "MB", "× smaller"]
     for count in threads:
         heads += [f"p50 ms {count}t", f"speed vs fp32 {count}t"]
-    heads.append("speed vs ORT quantize_static 1t")
+    heads.append("speed vs ORT quantize_static of the same bits, 1t")
     vnni = (
         "VNNI: onnxruntime's fast uint8 × int8 kernels"
         if meta.get("vnni", True)
-        else "no VNNI: onnxruntime's exact uint8 × uint8 int8 kernels, its fast ones saturate here"
+        else "no VNNI: onnxruntime in its exact mode, 8-bit weights on its uint8 × uint8 kernels "
+        "(its fast ones saturate here), 7-bit weights on its fast uint8 × int8 ones"
     )
     lines = [
         "# int8 speed: edgepc's recipes against fp32 and onnxruntime's quantize_static",
@@ -199,7 +209,8 @@ def markdown(rows: list[dict], threads: list[int], meta: dict) -> str:
     ]
     for row in rows:
         cells = [row["net"], row["input"], row["runtime"], row["variant"],
-                 f"{row['size_mb']:.3f}", f"{row['fp32_size_ratio']:.2f}"]  # fmt: skip
+                 str(row["weight_bits"] or ""), f"{row['size_mb']:.3f}",
+                 f"{row['fp32_size_ratio']:.2f}"]  # fmt: skip
         for count in threads:
             key = f"{count}t"
             cells += [f"{row[f'p50_ms_{key}']:.3f}", f"{row[f'speed_vs_fp32_{key}']:.2f}×"]

@@ -5,6 +5,7 @@ The students are the benchmark's own (seeded weights, batch-norm statistics away
 identity), so these tests check the graphs whose speed the benchmark reports.
 """
 
+import platform
 from collections import Counter
 
 import numpy as np
@@ -12,7 +13,13 @@ import pytest
 import torch
 
 from edgepc.export.bundle import WRITERS
-from edgepc.export.inspect import float_compute, litert_plan, onnxruntime_ops
+from edgepc.export.inspect import (
+    float_compute,
+    integer_weight_types,
+    litert_plan,
+    onnxruntime_ops,
+)
+from edgepc.export.runtimes import onnx_session_options
 from edgepc.export.tensorrt import check_onnx
 from edgepc.export.writers import write_tflite
 from edgepc.models import MODELS, build_model
@@ -35,10 +42,10 @@ def speed():
     return benchmark_script("int8_speed")
 
 
-def int8_file(speed, name: str, target: str, folder):
+def int8_file(speed, name: str, target: str, folder, weight_bits: int = 8):
     """(the fp32 student, its PTQ int8 graph for ``target``, the int8 file written from it)"""
     model, images = speed.network(name)
-    quant = prepare(model, target, images, qat=False)
+    quant = prepare(model, target, images, qat=False, weight_bits=weight_bits)
     quant.calibrate([images])
     graph = convert(quant)
     return model, graph, WRITERS[target](graph, images[:2], folder, True)
@@ -93,6 +100,38 @@ def test_cpu_int8_runs_every_conv_linear_and_add_as_an_int8_kernel(tmp_path, spe
     assert ops["Transpose"] <= 2 + 3 * shuffles, ops
     # float only at the ends: input, the two outputs, the global poolings before them
     assert ops["QuantizeLinear"] + ops["DequantizeLinear"] <= 8, ops
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"),
+    reason="onnxruntime widens int8 weights for its exact kernels on x86 only",
+)
+def test_7_bit_cpu_weights_keep_onnxruntimes_fast_kernels_and_its_exact_results(tmp_path, speed):
+    """On x86, onnxruntime's exact int8 mode (what CPUs without VNNI need) moves every 8-bit
+    weight to its slower uint8 × uint8 kernels; 7-bit weights stay int8 on the fast kernels,
+    and there those kernels give the exact results (no saturated pair sums)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    files = {}
+    for bits in (8, 7):
+        folder = tmp_path / str(bits)
+        model, _, files[bits] = int8_file(speed, "mobilenetv2_0.5", "cpu", folder, bits)
+    integer_ops = convs(model) + linears(model)
+    assert integer_weight_types(files[8]) == Counter(uint8=integer_ops)  # widened: slow kernels
+    assert integer_weight_types(files[7]) == Counter(int8=integer_ops)  # kept: fast kernels
+    stored = [numpy_helper.to_array(i) for i in onnx.load(files[7]).graph.initializer]
+    weights = [w for w in stored if w.dtype == np.int8 and w.ndim > 1]
+    assert len(weights) == integer_ops
+    assert max(int(np.abs(w.astype(int)).max()) for w in weights) == 63
+    x = np.random.default_rng(0).standard_normal((32, 1, 28, 28), dtype=np.float32)
+    logits = [
+        ort.InferenceSession(str(files[7]), onnx_session_options(1, exact),
+                             providers=["CPUExecutionProvider"]).run(["logits"], {"images": x})[0]
+        for exact in (True, False)
+    ]  # fmt: skip
+    np.testing.assert_array_equal(logits[0], logits[1])  # the same kernels: bit for bit
 
 
 @pytest.mark.parametrize("name", STUDENTS)
@@ -152,10 +191,13 @@ def test_int8_speed_writes_its_table_with_ratios(tmp_path, speed):
     result = speed.main(["--nets", "tiny_cnn", "--threads", "1", "--rounds", "2",
                          "--iterations", "5", "--warmup", "1", "--out", str(tmp_path)])  # fmt: skip
     rows = {(r["runtime"], r["variant"]): r for r in result["rows"]}
-    assert set(rows) == {
-        ("onnxruntime", "fp32"), ("onnxruntime", "int8 ptq"), ("onnxruntime", "int8 qat"),
-        ("onnxruntime", "int8 ort quantize_static"),
-        ("LiteRT", "fp32"), ("LiteRT", "int8 ptq"), ("LiteRT", "int8 qat"),
+    bits = {key: row["weight_bits"] for key, row in rows.items()}
+    assert bits == {
+        ("onnxruntime", "fp32"): None, ("onnxruntime", "int8 ptq"): 7,
+        ("onnxruntime", "int8 qat"): 7, ("onnxruntime", "int8 ptq 8-bit"): 8,
+        ("onnxruntime", "int8 ort quantize_static"): 8,
+        ("onnxruntime", "int8 ort quantize_static reduce_range"): 7,
+        ("LiteRT", "fp32"): None, ("LiteRT", "int8 ptq"): 8, ("LiteRT", "int8 qat"): 8,
     }  # fmt: skip
     for (runtime, variant), row in rows.items():
         fp32 = rows[runtime, "fp32"]
@@ -176,6 +218,12 @@ def test_int8_speed_writes_its_table_with_ratios(tmp_path, speed):
             assert parts.get("float32", 0) == 0  # full integer
             assert parts["quantization"] > 0
     table = (tmp_path / "int8_speed.md").read_text()
-    assert "| tiny_cnn | 1×28×28 | onnxruntime | int8 ptq |" in table
+    assert "| tiny_cnn | 1×28×28 | onnxruntime | int8 ptq | 7 |" in table
     assert "| tiny_cnn | int8 ptq |" in table  # the size table
-    assert np.isfinite(rows["onnxruntime", "int8 ptq"]["speed_vs_control_1t"])
+    for variant, control in (("int8 ptq", "int8 ort quantize_static reduce_range"),
+                             ("int8 ptq 8-bit", "int8 ort quantize_static")):  # fmt: skip
+        expected = (
+            rows["onnxruntime", control]["p50_ms_1t"] / rows["onnxruntime", variant]["p50_ms_1t"]
+        )
+        assert rows["onnxruntime", variant]["speed_vs_control_1t"] == pytest.approx(expected)
+    assert "speed_vs_control_1t" not in rows["LiteRT", "int8 ptq"]

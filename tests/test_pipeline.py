@@ -14,7 +14,7 @@ from edgepc.errors import TrainingError
 from edgepc.export.writers import ExportError
 from edgepc.pipelines.config import ConfigError, load_config, parse_override
 from edgepc.pipelines.run import main
-from edgepc.pipelines.runner import STAGES, run_pipeline
+from edgepc.pipelines.runner import STAGES, run_pipeline, stage_keys
 from edgepc.pipelines.stages import load_data
 from edgepc.tracking import Tracker
 from tests.conftest import SMALL, mlflow_ui
@@ -35,6 +35,17 @@ def test_config_layers_profile_then_overrides():
     assert load_config("jetson").target == "jetson"
 
 
+def test_weight_bits_default_to_the_targets_recipe_and_enter_the_qat_key():
+    bits = {t: load_config(t).qat.weight_bits for t in ("cpu", "mobile", "jetson")}
+    assert bits == {"cpu": 7, "mobile": 8, "jetson": 8}
+    eight = load_config("cpu", overrides=["qat.weight_bits=8"])
+    assert eight.qat.weight_bits == 8
+    keys, keys8 = stage_keys(load_config("cpu")), stage_keys(eight)  # 8: the key cpu had before
+    assert keys["distill"] == keys8["distill"]
+    assert keys["qat"] != keys8["qat"]
+    assert stage_keys(load_config("cpu", overrides=["qat.weight_bits=null"])) == keys
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -48,6 +59,7 @@ def test_config_layers_profile_then_overrides():
         (["distill.train.pc.tau=0"], "distill.train.pc.tau: Input should be greater than 0"),
         (["distill.train.pc.taus=1"], "did you mean 'distill.train.pc.tau'"),
         (["distill.train.baselines={rkd_angel: {}}"], "did you mean 'rkd_angle'"),
+        (["qat.weight_bits=6"], "qat.weight_bits: Input should be 7 or 8"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
@@ -269,7 +281,7 @@ def test_bad_teacher_checkpoint_is_a_model_error(tmp_path, store, content, messa
 
 
 def test_an_option_added_later_leaves_stage_keys_alone_at_its_default():
-    from edgepc.pipelines.runner import _key_content, stage_keys
+    from edgepc.pipelines.runner import _key_content
 
     assert _key_content({"train": {"recalibrate_bn": False, "lr": 0.1}}) == {"train": {"lr": 0.1}}
     assert _key_content({"train": {"recalibrate_bn": True}}) == {"train": {"recalibrate_bn": True}}
@@ -291,8 +303,6 @@ def test_an_option_added_later_leaves_stage_keys_alone_at_its_default():
 
 
 def test_a_teacher_checkpoint_is_keyed_by_its_bytes_not_its_path(tmp_path):
-    from edgepc.pipelines.runner import stage_keys
-
     def teacher_key(path):
         return stage_keys(load_config("cpu", overrides=[f"teacher.checkpoint={path}"]))["teacher"]
 

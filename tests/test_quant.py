@@ -63,7 +63,8 @@ def test_recipe_specs_per_target(data, models, target):
         _, scale, zero_point, axis, qmin, qmax, dtype = node.args
         zp = operator.attrgetter(zero_point.target)(graph)
         assert axis == 0
-        assert (qmin, qmax, dtype) == (-127, 127, torch.int8)
+        largest = 63 if target == "cpu" else 127  # cpu: 7-bit weights (recipes.py)
+        assert (qmin, qmax, dtype) == (-largest, largest, torch.int8)
         assert torch.all(zp == 0)
         weight = operator.attrgetter(node.args[0].target)(graph)
         assert operator.attrgetter(scale.target)(graph).numel() == weight.shape[0]
@@ -75,6 +76,25 @@ def test_recipe_specs_per_target(data, models, target):
         assert set(zero_points) == {0}
     else:  # affine: post-ReLU tensors use the whole 8-bit range, from the type's minimum
         assert torch.iinfo(dtype).min in zero_points
+
+
+@pytest.mark.parametrize(("bits", "largest"), [(8, 127), (7, 63)])
+def test_weight_bits_set_the_weights_range_and_scale(data, models, bits, largest):
+    x, _, _, _, norm = data
+    graph = convert(ptq(models[1], "cpu", x[:128], norm, weight_bits=bits))
+    per_channel, _ = quant_nodes(graph)
+    for node in per_channel:
+        weight, scale = (operator.attrgetter(a.target)(graph) for a in node.args[:2])
+        assert node.args[4:6] == (-largest, largest)
+        # symmetric per channel: the channel's largest |weight| maps to the range's end
+        reach = weight.detach().abs().amax(dim=tuple(range(1, weight.dim())))
+        torch.testing.assert_close(scale.float(), reach / largest, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_bits_other_than_7_or_8_are_refused(data, models):
+    x, _, _, _, norm = data
+    with pytest.raises(QuantError, match="weights of 6 bits: choose one of"):
+        ptq(models[1], "cpu", x[:8], norm, weight_bits=6)
 
 
 def test_unsupported_layer_is_named():

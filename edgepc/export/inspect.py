@@ -3,6 +3,8 @@ read from the runtime itself rather than timed.
 
 - :func:`onnxruntime_ops`: the op types of onnxruntime's own optimised graph (the graph it runs
   after its QDQ fusions and layout transforms), e.g. ``QLinearConv`` vs a float ``Conv``;
+- :func:`integer_weight_types`: whether those int8 ops keep onnxruntime's fast kernels in its
+  exact mode (int8 weights) or are widened to its slower exact ones (uint8 weights);
 - :func:`litert_plan`: the ops of a .tflite, whether the XNNPACK delegate takes all of them (one
   delegate partition from the graph's inputs to its outputs), and ops that would transform a
   constant (a weight transposed or dequantized at run time).
@@ -14,9 +16,13 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgepc.export.runtimes import onnx_session_options
 from edgepc.export.writers import missing, quiet_native_logs
+
+if TYPE_CHECKING:
+    import onnx
 
 # float ops where int8 ones exist (Fused*: onnxruntime's float op with its activation)
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose", "FusedConv", "FusedGemm", "FusedMatMul"}
@@ -28,22 +34,47 @@ def float_compute(ops: Counter[str]) -> Counter[str]:
     return Counter({op: n for op, n in ops.items() if op.rsplit(".", 1)[-1] in FLOAT_COMPUTE})
 
 
-def onnxruntime_ops(path: Path) -> Counter[str]:
-    """Op types of the graph onnxruntime's CPU provider runs for ``path`` (all optimisations on,
-    as the validate stage and the device script run it); contrib ops as ``com.microsoft.NAME``."""
+def _optimised_graph(path: Path, exact: bool | None = None) -> onnx.GraphProto:
+    """The graph onnxruntime's CPU provider runs for ``path`` (all optimisations on, session
+    options of :func:`edgepc.export.runtimes.onnx_session_options`)."""
     try:
         import onnx
         import onnxruntime as ort
     except ImportError:
         raise missing("onnxruntime", "cpu") from None
     with tempfile.TemporaryDirectory() as tmp:
-        options = onnx_session_options(threads=1)
+        options = onnx_session_options(threads=1, exact=exact)
         options.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath).graph
+        return onnx.load(options.optimized_model_filepath).graph
+
+
+def onnxruntime_ops(path: Path) -> Counter[str]:
+    """Op types of the graph onnxruntime's CPU provider runs for ``path`` (as the validate stage
+    and the device script run it); contrib ops as ``com.microsoft.NAME``."""
     return Counter(
         f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-        for n in graph.node
+        for n in _optimised_graph(path).node
+    )
+
+
+# Integer conv / matrix ops and the input that holds their weight.
+INTEGER_WEIGHT_INPUT = {"QLinearConv": 3, "QGemm": 3, "QLinearMatMul": 3, "MatMulInteger": 1}
+
+
+def integer_weight_types(path: Path) -> Counter[str]:
+    """Element types of the weights of onnxruntime's integer conv / matrix ops for ``path`` in
+    its exact int8 mode (``session.x64quantprecision``, on any CPU): ``int8`` weights stay on
+    the fast uint8 × int8 kernels, ``uint8`` ones were widened to the exact, slower uint8 ×
+    uint8 kernels (onnxruntime widens every weight with a value outside ±64, on x86 only)."""
+    from onnx import helper
+
+    graph = _optimised_graph(path, exact=True)
+    types = {i.name: helper.tensor_dtype_to_np_dtype(i.data_type).name for i in graph.initializer}
+    return Counter(
+        types.get(node.input[INTEGER_WEIGHT_INPUT[node.op_type]], "computed")
+        for node in graph.node
+        if node.op_type in INTEGER_WEIGHT_INPUT
     )
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgepc.distill.losses import loss_class
 from edgepc.errors import EdgepcError
+from edgepc.quant.recipes import RECIPES
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
@@ -104,13 +105,16 @@ class QATSection(Section):
     """Quantization-aware fine-tuning of the distilled student for the pipeline's target:
     α·CE + β·L_PC(int8 student, teacher) + γ·L_PC(int8 student, fp32 student), on a fixed
     subset of ``train_limit`` training images; the last ``freeze_observers_epochs`` epochs keep
-    the activation scales fixed. ``plain_qat`` also runs β = γ = 0 (the ablation row)."""
+    the activation scales fixed. ``plain_qat`` also runs β = γ = 0 (the ablation row).
+    ``weight_bits``: 7 (range ±63) or 8; null: the target's recipe, 7 for cpu (onnxruntime's
+    fast int8 kernels stay exact on x86 CPUs without VNNI), 8 for mobile and jetson."""
 
     train: TrainSection = TrainSection(epochs=2, lr=1e-4, alpha=1.0, beta=3.0, gamma=3.0)
     train_limit: int | None = Field(10000, ge=10)
     freeze_observers_epochs: int = Field(1, ge=0)
     plain_qat: bool = True
     pc_eval_limit: int | None = Field(5000, ge=3)
+    weight_bits: Literal[7, 8] | None = None
 
 
 class ParityBounds(Section):
@@ -189,6 +193,17 @@ class PipelineConfig(Section):
     validation: ValidateSection = ValidateSection()
     registry: RegisterSection = RegisterSection()
     tracking: TrackingSection = TrackingSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_weight_bits(cls, data: Any) -> Any:
+        """Null weight bits become the target recipe's, so that stage keys hold the bits."""
+        if not isinstance(data, dict) or data.get("target") not in RECIPES:
+            return data  # the field validators say what is wrong
+        qat = data.get("qat") or {}
+        if isinstance(qat, dict) and qat.get("weight_bits") is None:
+            data = {**data, "qat": {**qat, "weight_bits": RECIPES[data["target"]].weight_bits}}
+        return data
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

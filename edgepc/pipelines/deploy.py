@@ -93,7 +93,8 @@ def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> S
         model: torch.nn.Module = fp32
         if source != "fp32":
             state = torch.load(qat_dir / qat.files[source], weights_only=True)
-            model = convert(restore(fp32, target, example, state, qat=source == "qat"))
+            quant = restore(fp32, target, example, state, source == "qat", config.qat.weight_bits)
+            model = convert(quant)
         folder = ctx.workdir / name
         manifest = write_bundle(folder, model, example, target, source, testset, norm,
                                 data.facts["classes"], ctx.run_id)  # fmt: skip

@@ -95,6 +95,7 @@ KEY_NEUTRAL_DEFAULTS = {
     "test_limit": None,
     "neighbourhood": None,
     "queue": None,
+    "weight_bits": 8,  # the 8-bit weights every target had before (cpu now defaults to 7)
 }
 
 

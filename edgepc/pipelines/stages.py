@@ -333,7 +333,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
         return finetune.score(model, part, norm, ctx.device, section.pc_eval_limit)
 
     torch.manual_seed(config.seed)
-    ptq = finetune.ptq(fp32, target, calibration, norm)
+    ptq = finetune.ptq(fp32, target, calibration, norm, section.weight_bits)
     atomic_save(ptq.state_dict(), ctx.workdir / "ptq_student.pt")
     models: dict[str, torch.nn.Module] = {"fp32": fp32, "ptq": quantized(ptq).to(ctx.device)}
     curves: dict[str, list[dict[str, float]]] = {}
@@ -357,6 +357,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
                 {f"{name}_{k}": v for k, v in m.items()}, epoch
             ),
             progress=ctx.progress,
+            weight_bits=section.weight_bits,
         )
         atomic_save(model.state_dict(), ctx.workdir / f"{name}_student.pt")
         curves[name] = history

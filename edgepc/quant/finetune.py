@@ -49,10 +49,16 @@ def _batches(images: Tensor, norm: Normalisation, size: int = 256):
         yield norm.apply(images[start : start + size])
 
 
-def ptq(fp32: EmbeddingModel, target: str, calibration: Tensor, norm: Normalisation) -> QuantModel:
+def ptq(
+    fp32: EmbeddingModel,
+    target: str,
+    calibration: Tensor,
+    norm: Normalisation,
+    weight_bits: int | None = None,
+) -> QuantModel:
     """Post-training quantization: batch norm folded, observers calibrated on ``calibration``
     (the prepared model only observes: :func:`edgepc.quant.quantized` gives its int8 graph)."""
-    model = prepare(fp32, target, norm.apply(calibration[:8]), qat=False)
+    model = prepare(fp32, target, norm.apply(calibration[:8]), qat=False, weight_bits=weight_bits)
     model.calibrate(_batches(calibration, norm))
     return model
 
@@ -71,10 +77,12 @@ def qat(
     evaluate: Callable[[QuantModel], dict[str, float]] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    weight_bits: int | None = None,
 ) -> tuple[QuantModel, list[dict[str, float]]]:
-    """Fake-quant ``fp32`` for ``target``, start its scales on ``calibration``, fine-tune on
-    ``fit``; observers freeze for the last ``freeze_observers_epochs`` epochs."""
-    model = prepare(fp32, target, norm.apply(calibration[:8]), qat=True)
+    """Fake-quant ``fp32`` for ``target`` with ``weight_bits``-bit weights, start its scales on
+    ``calibration``, fine-tune on ``fit``; observers freeze for the last
+    ``freeze_observers_epochs`` epochs."""
+    model = prepare(fp32, target, norm.apply(calibration[:8]), qat=True, weight_bits=weight_bits)
     model.calibrate(_batches(calibration, norm))
 
     def before_epoch(epoch: int) -> None:

@@ -23,6 +23,7 @@ from torch.export import Dim
 
 from edgepc.errors import QuantError
 from edgepc.models import EmbeddingModel
+from edgepc.quant import recipes
 from edgepc.quant.recipes import check_supported, quantizer
 
 MAX_BATCH = 4096
@@ -33,11 +34,14 @@ class QuantModel(nn.Module):
     ``eval()``: an exported graph needs its batch-norm and dropout ops swapped, and observers
     only run while training (and not at all once frozen)."""
 
-    def __init__(self, graph: torch.fx.GraphModule, target: str, qat: bool) -> None:
+    def __init__(
+        self, graph: torch.fx.GraphModule, target: str, qat: bool, weight_bits: int | None = None
+    ) -> None:
         super().__init__()
         self.graph = graph
         self.target = target
         self.qat = qat
+        self.weight_bits = recipes.weight_bits(target, weight_bits)
         self.observers_frozen = False
         self.train(qat)
 
@@ -81,8 +85,15 @@ class QuantModel(nn.Module):
         self.train(self.training)
 
 
-def prepare(model: EmbeddingModel, target: str, example: Tensor, qat: bool = True) -> QuantModel:
-    """A fake-quant copy of ``model`` for ``target``'s int8 recipe (the original is untouched).
+def prepare(
+    model: EmbeddingModel,
+    target: str,
+    example: Tensor,
+    qat: bool = True,
+    weight_bits: int | None = None,
+) -> QuantModel:
+    """A fake-quant copy of ``model`` for ``target``'s int8 recipe, with ``weight_bits``-bit
+    weights (None: the recipe's; see :mod:`edgepc.quant.recipes`). The original is untouched.
 
     ``example`` is a normalised input batch of at least 2 images (batch norm trains in QAT).
     """
@@ -96,15 +107,20 @@ def prepare(model: EmbeddingModel, target: str, example: Tensor, qat: bool = Tru
         exported = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
         insert = prepare_qat_pt2e if qat else prepare_pt2e
         with _memoised_patterns():
-            graph = insert(exported.module(), quantizer(target, qat))
-    return QuantModel(graph, target, qat)
+            graph = insert(exported.module(), quantizer(target, qat, weight_bits))
+    return QuantModel(graph, target, qat, weight_bits)
 
 
 def restore(
-    model: EmbeddingModel, target: str, example: Tensor, state: dict, qat: bool = True
+    model: EmbeddingModel,
+    target: str,
+    example: Tensor,
+    state: dict,
+    qat: bool = True,
+    weight_bits: int | None = None,
 ) -> QuantModel:
     """A quantized model saved as ``QuantModel.state_dict()``, rebuilt on its fp32 student."""
-    quant = prepare(model, target, example, qat)
+    quant = prepare(model, target, example, qat, weight_bits)
     try:
         quant.load_state_dict(state)
     except (RuntimeError, KeyError) as error:
@@ -120,7 +136,7 @@ def restore(
 def quantized(model: QuantModel) -> QuantModel:
     """The int8 graph of ``model`` (see :func:`convert`) behind the same interface, for scoring
     what the runtimes will execute. PTQ needs it: its prepared graph only observes."""
-    return QuantModel(convert(model), model.target, qat=False)
+    return QuantModel(convert(model), model.target, qat=False, weight_bits=model.weight_bits)
 
 
 def convert(model: QuantModel) -> torch.fx.GraphModule:

@@ -4,18 +4,27 @@ which layers it takes.
 Every target quantizes the same places, the places its runtime fuses into int8 kernels:
 
 - each conv / linear takes a quantized input and int8 weights, symmetric per output channel
-  (axis 0, range ±127, zero-point 0); its output is quantized after its batch norm and its
-  ReLU / ReLU6, so the clamp becomes the quantized range and costs nothing at run time;
+  (axis 0, zero-point 0); its output is quantized after its batch norm and its ReLU / ReLU6,
+  so the clamp becomes the quantized range and costs nothing at run time;
 - each residual add takes quantized inputs and quantizes its output (after its ReLU);
 - layout and pooling ops inside the network (max-pool, flatten, view, transpose, chunk) keep
   their input's scale, so runtimes run them on int8 data; a concatenation quantizes its output.
 
-The targets differ in the activations' type, the one their runtime's int8 kernels take:
+The targets differ in the types their runtime's int8 kernels take:
 
-- ``cpu`` (onnxruntime QDQ): uint8, affine (zero-point 0 after a ReLU), the u8·s8 form of
-  onnxruntime's x86 kernels (VNNI); the ONNX writer stores biases as int32;
-- ``mobile`` (LiteRT full-integer, the TFLite int8 spec): int8, affine;
-- ``jetson`` (TensorRT explicit quantization): int8, symmetric (zero-point 0 everywhere).
+- ``cpu`` (onnxruntime QDQ): uint8 activations, affine (zero-point 0 after a ReLU), and 7-bit
+  weights (±63), the u8·s8 form of onnxruntime's x86 kernels. On x86 CPUs without VNNI those
+  kernels add each pair of products in a saturating int16 (``vpmaddubsw``): 255 × 63 × 2 <
+  32,767 keeps them exact, where ±127 weights drift. onnxruntime's exact mode (its slower
+  uint8 × uint8 kernels, :func:`edgepc.export.runtimes.x86_without_vnni`) widens only weights
+  outside ±64, so one file runs exactly and on the fast kernels on every x86 CPU, VNNI or not.
+  The ONNX writer stores biases as int32;
+- ``mobile`` (LiteRT full-integer, the TFLite int8 spec): int8 activations, affine, ±127
+  weights;
+- ``jetson`` (TensorRT explicit quantization): int8, symmetric (zero-point 0 everywhere), ±127
+  weights.
+
+``weight_bits`` (7 or 8) overrides a recipe's weights, e.g. 8 for a fleet of VNNI CPUs.
 """
 
 from __future__ import annotations
@@ -42,15 +51,16 @@ class Recipe:
     target: str
     activation_dtype: torch.dtype
     symmetric_activations: bool
+    weight_bits: int
     runtime: str
 
 
 RECIPES = {
     "jetson": Recipe(
-        "jetson", torch.int8, True, "TensorRT explicit quantization (Q/DQ, zero-point 0)"
+        "jetson", torch.int8, True, 8, "TensorRT explicit quantization (Q/DQ, zero-point 0)"
     ),
-    "cpu": Recipe("cpu", torch.uint8, False, "onnxruntime QDQ, u8 activations, s8 weights"),
-    "mobile": Recipe("mobile", torch.int8, False, "LiteRT full-integer int8"),
+    "cpu": Recipe("cpu", torch.uint8, False, 7, "onnxruntime QDQ, u8 activations, 7-bit weights"),
+    "mobile": Recipe("mobile", torch.int8, False, 8, "LiteRT full-integer int8"),
 }
 
 # Layers every target's int8 kernels cover (conv / linear with folded batch norm, ReLU-family
@@ -112,10 +122,21 @@ KEEP_SCALE = {
 }
 
 
-def _specs(recipe: Recipe, qat: bool) -> tuple[QuantizationSpec, QuantizationSpec]:
-    """(activation, weight) specs: per-tensor activations of the recipe's type, symmetric int8
-    weights per output channel. PTQ observes (histogram for activations), QAT fake-quantizes
-    with moving averages of the ranges."""
+WEIGHT_BITS = (7, 8)
+
+
+def weight_bits(target: str, bits: int | None = None) -> int:
+    """``bits``, or the bits of ``target``'s recipe when None; anything but 7 or 8 is refused."""
+    bits = recipe(target).weight_bits if bits is None else bits
+    if bits not in WEIGHT_BITS:
+        raise QuantError(f"weights of {bits} bits: choose one of {WEIGHT_BITS}")
+    return bits
+
+
+def _specs(recipe: Recipe, qat: bool, bits: int) -> tuple[QuantizationSpec, QuantizationSpec]:
+    """(activation, weight) specs: per-tensor activations of the recipe's type, symmetric
+    ``bits``-bit weights per output channel (stored as int8). PTQ observes (histogram for
+    activations), QAT fake-quantizes with moving averages of the ranges."""
     from torchao.quantization.pt2e import (
         FusedMovingAvgObsFakeQuantize,
         HistogramObserver,
@@ -145,10 +166,11 @@ def _specs(recipe: Recipe, qat: bool) -> tuple[QuantizationSpec, QuantizationSpe
         is_dynamic=False,
         observer_or_fake_quant_ctr=act_ctr,
     )
+    largest = 2 ** (bits - 1) - 1  # 127 or 63
     weight = QuantizationSpec(
         dtype=torch.int8,
-        quant_min=-127,
-        quant_max=127,
+        quant_min=-largest,
+        quant_max=largest,
         qscheme=torch.per_channel_symmetric,
         ch_axis=0,
         is_dynamic=False,
@@ -210,11 +232,12 @@ def annotate(graph: torch.fx.Graph, activation: QuantizationSpec, weight: Quanti
             mark(node, {args[0]: activation}, activation)
 
 
-def quantizer(target: str, qat: bool) -> Quantizer:
-    """The PT2E quantizer of ``target`` (fake-quant modules for QAT, observers for PTQ)."""
+def quantizer(target: str, qat: bool, bits: int | None = None) -> Quantizer:
+    """The PT2E quantizer of ``target`` (fake-quant modules for QAT, observers for PTQ) with
+    ``bits``-bit weights (None: the recipe's)."""
     from torchao.quantization.pt2e.quantizer import Quantizer
 
-    activation, weight = _specs(recipe(target), qat)
+    activation, weight = _specs(recipe(target), qat, weight_bits(target, bits))
 
     class EdgeQuantizer(Quantizer):
         def annotate(self, model: GraphModule) -> GraphModule:
