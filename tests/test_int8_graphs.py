@@ -117,7 +117,7 @@ def test_7_bit_cpu_weights_keep_onnxruntimes_fast_kernels_and_its_exact_results(
     files = {}
     for bits in (8, 7):
         folder = tmp_path / str(bits)
-        model, _, files[bits] = int8_file(speed, "mobilenetv2_0.5", "cpu", folder, bits)
+        model, _, files[bits] = int8_file(speed, "tiny_cnn", "cpu", folder, bits)
     integer_ops = convs(model) + linears(model)
     assert integer_weight_types(files[8]) == Counter(uint8=integer_ops)  # widened: slow kernels
     assert integer_weight_types(files[7]) == Counter(int8=integer_ops)  # kept: fast kernels
@@ -227,3 +227,37 @@ def test_int8_speed_writes_its_table_with_ratios(tmp_path, speed):
         )
         assert rows["onnxruntime", variant]["speed_vs_control_1t"] == pytest.approx(expected)
     assert "speed_vs_control_1t" not in rows["LiteRT", "int8 ptq"]
+
+
+def test_int8_profile_groups_onnxruntimes_node_times_by_op_and_conv_kind(tmp_path, speed):
+    profile = benchmark_script("int8_profile")  # imports int8_speed, registered by ``speed``
+    import onnx
+    from onnx import helper
+
+    def conv(name, op, weight, group=1, domain=""):
+        inputs = ["x", "s", "z", name] if op == "QLinearConv" else ["x", name]
+        return helper.make_node(op, inputs, [f"{name}.y"], name=name, group=group, domain=domain)
+
+    nodes = [conv("dw", "Conv", [8, 1, 3, 3], group=8), conv("pw", "Conv", [16, 8, 1, 1]),
+             conv("first", "QLinearConv", [8, 1, 3, 3], domain="com.microsoft"),
+             helper.make_node("Relu", ["x"], ["r"], name="relu")]  # fmt: skip
+    weights = [helper.make_tensor(n, onnx.TensorProto.FLOAT, dims, np.zeros(np.prod(dims)))
+               for n, dims in (("dw", [8, 1, 3, 3]), ("pw", [16, 8, 1, 1]),
+                               ("first", [8, 1, 3, 3]))]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [], [], initializer=weights)
+    assert profile.conv_kinds(graph) == {"dw": "Conv depthwise", "pw": "Conv 1×1",
+                                         "first": "QLinearConv other", "relu": "Relu"}  # fmt: skip
+    result = profile.main(["--nets", "tiny_cnn", "--runs", "4", "--warmup", "1",
+                           "--out", str(tmp_path)])  # fmt: skip
+    by_file = result["results"]["tiny_cnn"]
+    assert set(by_file) == {"fp32", "int8 7-bit", "int8 8-bit"}
+    for label, times in by_file.items():
+        ops = {k: v for k, v in times.items() if not k.startswith("(")}
+        assert times["(all nodes)"] == pytest.approx(sum(ops.values()))
+        assert times["(whole run)"] >= times["(all nodes)"]  # nodes run inside the run
+        convs_here = sorted(k for k in ops if "Conv" in k)
+        if label == "fp32":
+            assert convs_here == ["Conv other"], ops  # 3 × 3 convs
+        else:
+            assert convs_here == ["QLinearConv other"], ops
+    assert "| QLinearConv other |" in (tmp_path / "int8_profile.md").read_text()
