@@ -198,11 +198,12 @@ class PipelineConfig(Section):
     @classmethod
     def _recipe_weight_bits(cls, data: Any) -> Any:
         """Null weight bits become the target recipe's, so that stage keys hold the bits."""
-        if not isinstance(data, dict) or data.get("target") not in RECIPES:
+        target = data.get("target") if isinstance(data, dict) else None
+        if not isinstance(target, str) or target not in RECIPES:
             return data  # the field validators say what is wrong
-        qat = data.get("qat") or {}
+        qat = data.get("qat", {})
         if isinstance(qat, dict) and qat.get("weight_bits") is None:
-            data = {**data, "qat": {**qat, "weight_bits": RECIPES[data["target"]].weight_bits}}
+            data = {**data, "qat": {**qat, "weight_bits": RECIPES[target].weight_bits}}
         return data
 
 
