@@ -30,6 +30,7 @@ from int8_speed import STANDARD_STEMS, STUDENTS, network, network_shape
 from tqdm import tqdm
 
 from edgepc.export.bundle import WRITERS
+from edgepc.export.inspect import INTEGER_WEIGHT_INPUT
 from edgepc.export.runtimes import onnx_session_options, x86_without_vnni
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     import onnx
 
 FILES = {"fp32": None, "int8 7-bit": 7, "int8 8-bit": 8}
-WEIGHT_INPUT = {"QLinearConv": 3}  # which input holds a conv's weight (others: input 1)
 
 
 def conv_kinds(graph: onnx.GraphProto) -> dict[str, str]:
@@ -50,7 +50,7 @@ def conv_kinds(graph: onnx.GraphProto) -> dict[str, str]:
     for node in graph.node:
         kind = node.op_type
         if "Conv" in kind:
-            weight = weights.get(node.input[WEIGHT_INPUT.get(kind, 1)], [])
+            weight = weights.get(node.input[INTEGER_WEIGHT_INPUT.get(kind, 1)], [])
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             if group > 1:
                 kind += " depthwise"
