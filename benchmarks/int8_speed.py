@@ -1,7 +1,7 @@
 """Is edgepc's int8 faster than fp32, and as fast as the runtime's own quantizer? One run,
-batch 1, interleaved rounds.
+batch 1, interleaved turns.
 
-    python benchmarks/int8_speed.py [--nets NAME ...] [--threads 1 2] [--rounds 5]
+    python benchmarks/int8_speed.py [--nets NAME ...] [--threads 1 2] [--block 10]
         [--iterations 200] [--warmup 20] [--out benchmarks/results] [--tag NAME]
 
 Networks: every zoo student at the default input (1×28×28), and MobileNetV2-0.5 and
@@ -20,7 +20,7 @@ Files per network, written by edgepc's own writers:
 - LiteRT: fp32 and edgepc int8 (PTQ, QAT), full-integer.
 
 Every file runs in every round (1 and 2 threads; ``--iterations`` timed calls per file and
-thread count, spread over the rounds), so a slow spell of the shared machine hits all of them
+thread count, in turns of ``--block`` calls), so a slow spell of the shared machine hits all of them
 alike; speed is fp32 p50 / file p50. Writes ``int8_speed[-TAG].json`` and ``.md``.
 """
 
@@ -137,7 +137,7 @@ def files(name: str, folder: Path) -> dict[tuple[str, str], tuple[Path, int | No
 def measure(
     built: dict[str, dict[tuple[str, str], tuple[Path, int | None]]],
     threads: list[int],
-    rounds: int,
+    block: int,
     warmup: int,
     iterations: int,
 ) -> list[dict]:
@@ -161,7 +161,7 @@ def measure(
                 with quiet_native_logs():
                     runtime = open_runtime(path, count)
                 runners[net, target, variant, count] = partial(runtime.run, image)
-    timed = interleaved_latency(runners, warmup, iterations, rounds)
+    timed = interleaved_latency(runners, warmup, iterations, block)
     for (net, target, variant, count), result in timed.items():
         rows[net, target, variant] |= {
             f"p50_ms_{count}t": result.p50_ms,
@@ -200,7 +200,7 @@ def markdown(rows: list[dict], threads: list[int], meta: dict) -> str:
         "",
         f"{meta['cpu']} ({vnni}), batch 1, {meta['iterations']} timed runs per file and thread "
         "count in "
-        f"{meta['rounds']} interleaved rounds; {meta['date']}. Speed = fp32 p50 / file p50 "
+        f"interleaved turns of {meta['block']}; {meta['date']}. Speed = fp32 p50 / file p50 "
         "(> 1: faster than fp32).",
         f"Reproduce: `{meta['command']}`",
         "",
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nets", nargs="+", default=[*STUDENTS, *STANDARD_STEMS],
                         choices=[*STUDENTS, *STANDARD_STEMS])  # fmt: skip
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--block", type=int, default=10, help="calls per interleaved turn")
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -262,12 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
         built = {}
         for net in tqdm(args.nets, desc="export"):
             built[net] = files(net, Path(tmp) / net)
-        rows = measure(built, args.threads, args.rounds, args.warmup, args.iterations)
+        rows = measure(built, args.threads, args.block, args.warmup, args.iterations)
     meta = {
         "cpu": cpu_name(),
         "vnni": not x86_without_vnni(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "rounds": args.rounds,
+        "block": args.block,
         "iterations": args.iterations,
         "threads": args.threads,
         "command": "python benchmarks/int8_speed.py " + " ".join(argv or sys.argv[1:]),

@@ -2,14 +2,14 @@
 measured in one run.
 
     python benchmarks/runtime_latency.py EXPORT_DIR [EXPORT_DIR ...] [--threads 1 2]
-        [--rounds 5] [--iterations 300] [--warmup 30] [--out benchmarks/results] [--tag NAME]
+        [--block 10] [--iterations 1500] [--warmup 30] [--out benchmarks/results] [--tag NAME]
 
 EXPORT_DIR is an export stage's folder (the pipeline's summary prints it: ``bundles: DIR/...``),
 or one bundle. Every bundle is timed with the validate stage's timer (:func:`edgepc.measure.
-interleaved_latency`) in ``rounds`` interleaved rounds of ``iterations`` calls (fp32, int8, fp32,
-int8, ...) so that a slow spell of a shared machine hits both; percentiles are over all calls,
-and the speed-up is fp32 p50 / int8 p50 of the same target and thread count. Writes
-``runtime_latency-TAG.json`` and ``.md``.
+interleaved_latency`): ``iterations`` calls each, in interleaved turns of ``block`` calls
+(fp32, int8, fp32, int8, ...) so that a slow spell of a shared machine hits both; percentiles
+are over all calls, and the speed-up is fp32 p50 / int8 p50 of the same target and thread
+count. Writes ``runtime_latency-TAG.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -38,12 +38,11 @@ def bundles(paths: list[Path]) -> list[Path]:
 
 
 def measure(
-    folders: list[Path], threads: list[int], rounds: int, warmup: int, iterations: int
+    folders: list[Path], threads: list[int], block: int, warmup: int, iterations: int
 ) -> dict[str, dict]:
     """{bundle: {"size_mb", "target", "precision", "p50_ms_Nt", "p99_ms_Nt", ...}}: the validate
-    stage's timer (``iterations`` calls per round)."""
-    section = LatencySection(warmup=warmup, iterations=iterations * rounds, threads=threads,
-                             rounds=rounds)  # fmt: skip
+    stage's timer."""
+    section = LatencySection(warmup=warmup, iterations=iterations, threads=threads, block=block)
     timed = time_bundles(folders, section)
     results: dict[str, dict] = {}
     for folder in folders:
@@ -80,8 +79,9 @@ def markdown(report: dict) -> str:
     lines = [
         "# Batch-1 latency of exported bundles in their runtimes",
         "",
-        f"{report['when']} · {report['machine']} · {report['rounds']} interleaved rounds × "
-        f"{report['iterations']} timed calls (warm-up {report['warmup']}) · `{report['command']}`",
+        f"{report['when']} · {report['machine']} · {report['iterations']} timed calls in "
+        f"interleaved turns of {report['block']} (warm-up {report['warmup']}) · "
+        f"`{report['command']}`",
         "",
         "| bundle | runtime | MB | "
         + " | ".join(f"p50 / p99 ms ({t} thr)" for t in threads)
@@ -110,20 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="export stage folders or bundles")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--block", type=int, default=10, help="calls per interleaved turn")
     parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="local", help="name of the result files")
     args = parser.parse_args(argv)
-    results = measure(bundles(args.paths), args.threads, args.rounds, args.warmup,
+    results = measure(bundles(args.paths), args.threads, args.block, args.warmup,
                       args.iterations)  # fmt: skip
     report = {
         "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": cpu_name(),
         "command": "python benchmarks/runtime_latency.py " + " ".join(argv),
         "threads": args.threads,
-        "rounds": args.rounds,
+        "block": args.block,
         "warmup": args.warmup,
         "iterations": args.iterations,
         "results": results,

@@ -56,8 +56,8 @@ def test_qat_weights_runs_its_grid_to_the_table(tmp_path, small, monkeypatch):
 @pytest.mark.slow
 def test_runtime_latency_times_the_bundles_of_an_export(tmp_path, small):
     (export,) = small.cache.glob("export-*")
-    args = [str(export), "--threads", "1", "--rounds", "2", "--warmup", "1", "--iterations",
-            "5", "--out", str(tmp_path), "--tag", "smoke"]  # fmt: skip
+    args = [str(export), "--threads", "1", "--block", "2", "--warmup", "1", "--iterations",
+            "10", "--out", str(tmp_path), "--tag", "smoke"]  # fmt: skip
     assert script("runtime_latency").main(args) == 0
     report = json.loads((tmp_path / "runtime_latency-smoke.json").read_text())
     assert set(report["results"]) == {"cpu-fp32", "cpu-int8"}

@@ -1,6 +1,7 @@
 """Bundles for each target run in their real runtimes and match PyTorch; manifests, the parity
 check, the latency timer, the accuracy gate and the Jetson engine builder's refusals."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -200,14 +201,23 @@ def test_latency_timer_counts_and_orders():
         latency(lambda: None, iterations=1)
 
 
-def test_interleaved_latency_alternates_and_counts_every_call():
+def test_interleaved_latency_takes_turns_of_block_calls_and_counts_every_call():
     order = []
-    timed = interleaved_latency({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
-                                warmup=2, iterations=7, rounds=3)  # fmt: skip
-    assert "".join(order) == "aabb" + "aaabbb" + "aabb" + "aabb"  # warm-up, then 3 + 2 + 2
-    assert timed["a"].iterations == timed["b"].iterations == 7
-    with pytest.raises(ValueError, match="at least 3 timed iterations"):
-        interleaved_latency({"a": lambda: None}, iterations=2, rounds=3)
+    fns = {key: functools.partial(order.append, key) for key in "abc"}
+    timed = interleaved_latency(fns, warmup=2, iterations=7, block=3)
+    assert "".join(order[:6]) == "aabbcc"  # warm-up
+    calls = "".join(order[6:])
+    assert len(calls) == 21
+    turns = [calls[i : i + 3] for i in range(0, 18, 3)] + list(calls[18:])  # 7 = 3 + 3 + 1
+    assert all(len(set(turn)) == 1 for turn in turns)
+    rounds = ["".join(turn[0] for turn in turns[i : i + 3]) for i in (0, 3, 6)]
+    assert all(sorted(r) == list("abc") for r in rounds)  # every fn once per round
+    assert len(set(rounds)) > 1  # in an order shuffled per round
+    assert {key: t.iterations for key, t in timed.items()} == dict.fromkeys("abc", 7)
+    with pytest.raises(ValueError, match="at least 2 timed iterations"):
+        interleaved_latency({"a": lambda: None}, iterations=1)
+    with pytest.raises(ValueError, match="block 0"):
+        interleaved_latency({"a": lambda: None}, iterations=4, block=0)
 
 
 @pytest.mark.slow
@@ -222,7 +232,7 @@ def test_validate_measures_the_bundles_and_the_gate_fails_clearly(tmp_path, setu
     assert row["size_mb"] == (folder / manifests[1].model).stat().st_size / 2**20
     from edgepc.pipelines.config import load_config
 
-    latency = "validation.latency={warmup: 1, iterations: 6, rounds: 3}"
+    latency = "validation.latency={warmup: 1, iterations: 6, block: 2}"
     config = load_config("cpu", overrides=[latency])
     export = (tmp_path, StageResult(facts={"bundles": [m.name for m in manifests]}))
     ctx = StageContext(tmp_path / "validate", CPU, lambda m, s: None, False)

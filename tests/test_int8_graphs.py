@@ -188,7 +188,7 @@ def test_qat_and_ptq_quantize_the_same_places(speed):
 
 
 def test_int8_speed_writes_its_table_with_ratios(tmp_path, speed):
-    result = speed.main(["--nets", "tiny_cnn", "--threads", "1", "--rounds", "2",
+    result = speed.main(["--nets", "tiny_cnn", "--threads", "1", "--block", "2",
                          "--iterations", "5", "--warmup", "1", "--out", str(tmp_path)])  # fmt: skip
     rows = {(r["runtime"], r["variant"]): r for r in result["rows"]}
     bits = {key: row["weight_bits"] for key, row in rows.items()}

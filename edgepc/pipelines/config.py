@@ -142,19 +142,14 @@ class ExportSection(Section):
 
 class LatencySection(Section):
     """Batch-1 latency in the runtime: ``warmup`` untimed calls, then ``iterations`` timed ones
-    per thread count, spread over ``rounds`` rounds that interleave every bundle (so that int8
-    and its fp32 sibling are timed under the same load)."""
+    per thread count, in turns of ``block`` calls that interleave every bundle (so that int8
+    and its fp32 sibling are timed under the same load: :func:`edgepc.measure.
+    interleaved_latency`)."""
 
     warmup: int = Field(20, ge=0)
     iterations: int = Field(2000, ge=2)
     threads: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
-    rounds: int = Field(10, ge=1)
-
-    @model_validator(mode="after")
-    def _enough_iterations(self) -> LatencySection:
-        if self.iterations < self.rounds:
-            raise ValueError(f"iterations ({self.iterations}) < rounds ({self.rounds})")
-        return self
+    block: int = Field(10, ge=1)
 
 
 class ValidateSection(Section):

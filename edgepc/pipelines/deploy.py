@@ -160,7 +160,7 @@ def time_bundles(folders: list[Path], section: LatencySection) -> dict[str, dict
         for count in section.threads:
             runtime = open_runtime(folder / manifest.model, count)
             runs[manifest.name, count] = partial(runtime.run, x)
-    timed = interleaved_latency(runs, section.warmup, section.iterations, section.rounds)
+    timed = interleaved_latency(runs, section.warmup, section.iterations, section.block)
     rows: dict[str, dict[str, float]] = {}
     for (name, count), result in timed.items():
         row = rows.setdefault(name, {})
