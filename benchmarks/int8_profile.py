@@ -1,15 +1,22 @@
-"""Where one batch-1 inference spends its time in onnxruntime: fp32 against edgepc's int8, op
-by op, from onnxruntime's own profiler. It explains the ratios of ``int8_speed.py``.
+"""Where one batch-1 inference spends its time: fp32 against edgepc's int8, op by op in
+onnxruntime's own profiler, and layer by layer in onnxruntime and LiteRT. It explains the ratios
+of ``int8_speed.py``.
 
     python benchmarks/int8_profile.py [--nets NAME ...] [--runs 300] [--warmup 30]
+        [--layers stem expand depthwise project] [--layer-iterations 1000]
         [--out benchmarks/results] [--tag NAME]
 
 Files per network (the networks and seeded weights of ``int8_speed.py``): fp32, edgepc int8
 with the cpu recipe's 7-bit weights, and with 8-bit weights; each opened as the validate stage
 opens it (1 thread; onnxruntime's exact int8 mode on x86 CPUs without VNNI). Each node's time
 is its mean over the timed runs; nodes are grouped by op and, for convolutions, by kind
-(depthwise, 1×1, other), since int8 kernels win or lose by kind. Writes
-``int8_profile[-TAG].json`` and ``.md``.
+(depthwise, 1×1, other), since int8 kernels win or lose by kind.
+
+LiteRT has no per-op profiler in its Python package, so the kinds are also timed one at a time:
+one convolution (with batch norm and ReLU6, then the pool and linear head every file has) at
+the shapes where MobileNetV2-0.5 at 224 px spends its time, fp32 against edgepc's int8 of the
+target's recipe (PTQ) in both runtimes, 1 thread, interleaved turns (``int8_speed``'s timer).
+Writes ``int8_profile[-TAG].json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -21,25 +28,38 @@ import tempfile
 import warnings
 from collections import defaultdict
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from int8_speed import STANDARD_STEMS, STUDENTS, network, network_shape
+from int8_speed import STANDARD_STEMS, STUDENTS, TARGETS, network, network_shape
+from torch import nn
 from tqdm import tqdm
 
 from edgepc.export.bundle import WRITERS
 from edgepc.export.inspect import INTEGER_WEIGHT_INPUT
-from edgepc.export.runtimes import onnx_session_options, x86_without_vnni
+from edgepc.export.runtimes import onnx_session_options, open_runtime, x86_without_vnni
+from edgepc.export.writers import quiet_native_logs
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
+from edgepc.measure import interleaved_latency
+from edgepc.models import EmbeddingModel
 from edgepc.quant import convert, prepare
 
 if TYPE_CHECKING:
     import onnx
 
 FILES = {"fp32": None, "int8 7-bit": 7, "int8 8-bit": 8}
+# One convolution of each kind of MobileNetV2-0.5 at 224 px (width 0.5: its 56-px stage has 16
+# channels, expanded 6×): in and out channels, kernel, stride, groups, input size.
+LAYERS = {
+    "stem": (3, 16, 3, 2, 1, 224),
+    "expand": (16, 96, 1, 1, 1, 56),
+    "depthwise": (96, 96, 3, 1, 96, 56),
+    "project": (96, 16, 1, 1, 1, 56),
+}
 
 
 def conv_kinds(graph: onnx.GraphProto) -> dict[str, str]:
@@ -104,7 +124,49 @@ def files(name: str, folder: Path) -> dict[str, Path]:
     return out
 
 
-def markdown(results: dict[str, dict[str, dict[str, float]]], meta: dict) -> str:
+def layer(spec: tuple[int, ...]) -> tuple[EmbeddingModel, torch.Tensor]:
+    """One seeded conv + batch norm + ReLU6 with a pooled linear head, and 16 images."""
+    cin, cout, kernel, stride, groups, size = spec
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups),
+                        nn.BatchNorm2d(cout), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(cout, 10))  # fmt: skip
+    return EmbeddingModel(net, "2").eval(), torch.randn(16, cin, size, size)
+
+
+def layer_title(name: str) -> str:
+    cin, cout, kernel, stride, groups, size = LAYERS[name]
+    kind = "depthwise" if groups > 1 else "conv"
+    return f"{name}: {kernel}×{kernel} {kind} {cin}→{cout}, stride {stride}, {size} px"
+
+
+def layer_speed(names: list[str], folder: Path, warmup: int, iterations: int) -> list[dict]:
+    """[{layer, runtime, fp32_ms, int8_ms, speed}]: p50 at 1 thread of each layer's fp32 and
+    int8 file (the target recipe, PTQ) in its runtime; the four files of a layer interleaved."""
+    rows = []
+    for name in tqdm(names, desc="layers"):
+        model, images = layer(LAYERS[name])
+        runners = {}
+        for target, runtime in TARGETS.items():
+            quant = prepare(model, target, images)
+            quant.calibrate([images])
+            for label, source in (("fp32", model), ("int8", convert(quant))):
+                out = folder / name / target / label
+                out.mkdir(parents=True)
+                path = WRITERS[target](source, images[:2], out, label == "int8")
+                with quiet_native_logs():
+                    runners[runtime, label] = partial(open_runtime(path, 1).run, images[:1].numpy())
+        timed = interleaved_latency(runners, warmup, iterations)
+        for runtime in TARGETS.values():
+            fp32, int8 = timed[runtime, "fp32"].p50_ms, timed[runtime, "int8"].p50_ms
+            rows.append({"layer": layer_title(name), "runtime": runtime, "fp32_ms": fp32,
+                         "int8_ms": int8, "speed": fp32 / int8})  # fmt: skip
+    return rows
+
+
+def markdown(
+    results: dict[str, dict[str, dict[str, float]]], layers: list[dict], meta: dict
+) -> str:
     mode = "exact int8 mode (no VNNI)" if not meta["vnni"] else "VNNI"
     lines = [
         "# Where batch-1 inference spends its time in onnxruntime: fp32 vs edgepc int8",
@@ -122,6 +184,12 @@ def markdown(results: dict[str, dict[str, dict[str, float]]], meta: dict) -> str
         for kind in [*kinds, "(all nodes)", "(whole run)"]:
             cells = [f"{by_file[label].get(kind, 0.0):.1f}" for label in labels]
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "## Single layers, fp32 against int8 (PTQ, the target's recipe), 1 thread, p50",
+              "", "| layer | runtime | fp32 ms | int8 ms | int8 speed vs fp32 |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for row in layers:
+        lines.append(f"| {row['layer']} | {row['runtime']} | {row['fp32_ms']:.3f} | "
+                     f"{row['int8_ms']:.3f} | {row['speed']:.2f}× |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
                         choices=[*STUDENTS, *STANDARD_STEMS])  # fmt: skip
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--layer-iterations", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
@@ -144,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
             image = np.random.default_rng(0).standard_normal((1, *network_shape(net)), np.float32)
             paths = files(net, Path(tmp) / net)
             results[net] = {k: profile(p, image, args.runs, args.warmup) for k, p in paths.items()}
+        layers = layer_speed(args.layers, Path(tmp) / "layers", args.warmup, args.layer_iterations)
     meta = {
         "cpu": cpu_name(),
         "vnni": not x86_without_vnni(),
@@ -154,11 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     stem = "int8_profile" + (f"-{args.tag}" if args.tag else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / f"{stem}.json", json.dumps({"meta": meta, "results": results}, indent=1))
-    table = markdown(results, meta)
+    report = {"meta": meta, "results": results, "layers": layers}
+    write_text(args.out / f"{stem}.json", json.dumps(report, indent=1))
+    table = markdown(results, layers, meta)
     write_text(args.out / f"{stem}.md", table)
     print(table)
-    return {"meta": meta, "results": results}
+    return report
 
 
 if __name__ == "__main__":
