@@ -3,7 +3,7 @@ onnxruntime's own profiler, and layer by layer in onnxruntime and LiteRT. It exp
 of ``int8_speed.py``.
 
     python benchmarks/int8_profile.py [--nets NAME ...] [--runs 300] [--warmup 30]
-        [--layers stem expand depthwise project] [--layer-iterations 1000]
+        [--layers NAME ...] [--layer-iterations 1000]
         [--out benchmarks/results] [--tag NAME]
 
 Files per network (the networks and seeded weights of ``int8_speed.py``): fp32, edgepc int8
@@ -12,10 +12,11 @@ opens it (1 thread; onnxruntime's exact int8 mode on x86 CPUs without VNNI). Eac
 is its mean over the timed runs; nodes are grouped by op and, for convolutions, by kind
 (depthwise, 1×1, other), since int8 kernels win or lose by kind.
 
-LiteRT has no per-op profiler in its Python package, so the kinds are also timed one at a time:
-one convolution (with batch norm and ReLU6, then the pool and linear head every file has) at
-the shapes where MobileNetV2-0.5 at 224 px spends its time, fp32 against edgepc's int8 of the
-target's recipe (PTQ) in both runtimes, 1 thread, interleaved turns (``int8_speed``'s timer).
+LiteRT has no per-op profiler in its Python package, so the kinds are also timed one at a time,
+at the 56-px stage of MobileNetV2-0.5 at 224 px (16 channels, expanded 6×): a layer's cost is the
+time of a stack of 5 layers minus that of 1, over 4, so what every file pays once (quantizing
+the input, the pooled head) cancels; fp32 against edgepc's int8 of the target's recipe (PTQ), in
+both runtimes, 1 thread, interleaved turns (``int8_speed``'s timer).
 Writes ``int8_profile[-TAG].json`` and ``.md``.
 """
 
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -52,14 +54,18 @@ if TYPE_CHECKING:
     import onnx
 
 FILES = {"fp32": None, "int8 7-bit": 7, "int8 8-bit": 8}
-# One convolution of each kind of MobileNetV2-0.5 at 224 px (width 0.5: its 56-px stage has 16
-# channels, expanded 6×): in and out channels, kernel, stride, groups, input size.
-LAYERS = {
-    "stem": (3, 16, 3, 2, 1, 224),
-    "expand": (16, 96, 1, 1, 1, 56),
-    "depthwise": (96, 96, 3, 1, 96, 56),
-    "project": (96, 16, 1, 1, 1, 56),
-}
+# Layers of the 56-px stage of MobileNetV2-0.5 at 224 px, each keeping its input's shape so
+# that it stacks: name -> (what it is, its channels, a factory of one layer with batch norm).
+LAYERS: dict[str, tuple[str, int, Callable[[], nn.Module]]] = {
+    "pointwise": ("1×1 expand 16→96 + 1×1 project 96→16", 16, lambda: nn.Sequential(
+        nn.Conv2d(16, 96, 1), nn.BatchNorm2d(96), nn.ReLU6(), nn.Conv2d(96, 16, 1),
+        nn.BatchNorm2d(16))),
+    "depthwise": ("3×3 depthwise, 96 channels", 96, lambda: nn.Sequential(
+        nn.Conv2d(96, 96, 3, padding=1, groups=96), nn.BatchNorm2d(96), nn.ReLU6())),
+    "conv3x3": ("3×3 conv 16→16", 16, lambda: nn.Sequential(
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())),
+}  # fmt: skip
+LAYER_SIZE, DEPTHS = 56, (1, 5)
 
 
 def conv_kinds(graph: onnx.GraphProto) -> dict[str, str]:
@@ -124,43 +130,42 @@ def files(name: str, folder: Path) -> dict[str, Path]:
     return out
 
 
-def layer(spec: tuple[int, ...]) -> tuple[EmbeddingModel, torch.Tensor]:
-    """One seeded conv + batch norm + ReLU6 with a pooled linear head, and 16 images."""
-    cin, cout, kernel, stride, groups, size = spec
+def stack(name: str, depth: int) -> tuple[EmbeddingModel, torch.Tensor]:
+    """``depth`` seeded layers ``name`` with a pooled linear head, and 16 images."""
+    _, channels, make = LAYERS[name]
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups),
-                        nn.BatchNorm2d(cout), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(cout, 10))  # fmt: skip
-    return EmbeddingModel(net, "2").eval(), torch.randn(16, cin, size, size)
-
-
-def layer_title(name: str) -> str:
-    cin, cout, kernel, stride, groups, size = LAYERS[name]
-    kind = "depthwise" if groups > 1 else "conv"
-    return f"{name}: {kernel}×{kernel} {kind} {cin}→{cout}, stride {stride}, {size} px"
+    net = nn.Sequential(*[make() for _ in range(depth)])
+    net.append(nn.AdaptiveAvgPool2d(1)).append(nn.Flatten()).append(nn.Linear(channels, 10))
+    return EmbeddingModel(net, str(depth)).eval(), torch.randn(16, channels, LAYER_SIZE, LAYER_SIZE)
 
 
 def layer_speed(names: list[str], folder: Path, warmup: int, iterations: int) -> list[dict]:
-    """[{layer, runtime, fp32_ms, int8_ms, speed}]: p50 at 1 thread of each layer's fp32 and
-    int8 file (the target recipe, PTQ) in its runtime; the four files of a layer interleaved."""
+    """[{layer, runtime, fp32_ms, int8_ms, speed}]: the ms one layer adds at 1 thread (p50 of 5
+    stacked minus p50 of 1, over 4) in its fp32 and int8 file (the target recipe, PTQ); the
+    eight files of a layer interleaved."""
     rows = []
     for name in tqdm(names, desc="layers"):
-        model, images = layer(LAYERS[name])
         runners = {}
-        for target, runtime in TARGETS.items():
-            quant = prepare(model, target, images)
-            quant.calibrate([images])
-            for label, source in (("fp32", model), ("int8", convert(quant))):
-                out = folder / name / target / label
-                out.mkdir(parents=True)
-                path = WRITERS[target](source, images[:2], out, label == "int8")
-                with quiet_native_logs():
-                    runners[runtime, label] = partial(open_runtime(path, 1).run, images[:1].numpy())
+        for depth in DEPTHS:
+            model, images = stack(name, depth)
+            for target, runtime in TARGETS.items():
+                quant = prepare(model, target, images)
+                quant.calibrate([images])
+                for label, source in (("fp32", model), ("int8", convert(quant))):
+                    out = folder / name / str(depth) / target / label
+                    out.mkdir(parents=True)
+                    path = WRITERS[target](source, images[:2], out, label == "int8")
+                    with quiet_native_logs():
+                        run = partial(open_runtime(path, 1).run, images[:1].numpy())
+                    runners[runtime, label, depth] = run
         timed = interleaved_latency(runners, warmup, iterations)
         for runtime in TARGETS.values():
-            fp32, int8 = timed[runtime, "fp32"].p50_ms, timed[runtime, "int8"].p50_ms
-            rows.append({"layer": layer_title(name), "runtime": runtime, "fp32_ms": fp32,
-                         "int8_ms": int8, "speed": fp32 / int8})  # fmt: skip
+            cost = {label: (timed[runtime, label, DEPTHS[1]].p50_ms
+                            - timed[runtime, label, DEPTHS[0]].p50_ms) / (DEPTHS[1] - DEPTHS[0])
+                    for label in ("fp32", "int8")}  # fmt: skip
+            rows.append({"layer": LAYERS[name][0], "runtime": runtime, "fp32_ms": cost["fp32"],
+                         "int8_ms": cost["int8"],
+                         "speed": cost["fp32"] / cost["int8"]})  # fmt: skip
     return rows
 
 
@@ -184,7 +189,8 @@ def markdown(
         for kind in [*kinds, "(all nodes)", "(whole run)"]:
             cells = [f"{by_file[label].get(kind, 0.0):.1f}" for label in labels]
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    lines += ["", "## Single layers, fp32 against int8 (PTQ, the target's recipe), 1 thread, p50",
+    lines += ["", f"## One layer at {LAYER_SIZE} px, fp32 against int8 (PTQ, the target's recipe), "
+              "1 thread: ms it adds (p50 of 5 stacked − p50 of 1, over 4)",
               "", "| layer | runtime | fp32 ms | int8 ms | int8 speed vs fp32 |",
               "|---|---|---|---|---|"]  # fmt: skip
     for row in layers:
