@@ -19,7 +19,7 @@ Files per network, written by edgepc's own writers:
   (``reduce_range``); each edgepc file is compared with the control of its weights' bits;
 - LiteRT: fp32 and edgepc int8 (PTQ, QAT), full-integer.
 
-Every file runs in every round (1 and 2 threads; ``--iterations`` timed calls per file and
+Every file runs in every round (1 thread, then 2; ``--iterations`` timed calls per file and
 thread count, in turns of ``--block`` calls), so a slow spell of the shared machine hits all of them
 alike; speed is fp32 p50 / file p50. Writes ``int8_speed[-TAG].json`` and ``.md``.
 """
@@ -161,7 +161,10 @@ def measure(
                 with quiet_native_logs():
                     runtime = open_runtime(path, count)
                 runners[net, target, variant, count] = partial(runtime.run, image)
-    timed = interleaved_latency(runners, warmup, iterations, block)
+    timed = {}
+    for count in threads:  # one thread count at a time, as the validate stage times them
+        same = {key: run for key, run in runners.items() if key[-1] == count}
+        timed |= interleaved_latency(same, warmup, iterations, block)
     for (net, target, variant, count), result in timed.items():
         rows[net, target, variant] |= {
             f"p50_ms_{count}t": result.p50_ms,
