@@ -47,7 +47,7 @@ from edgepc.export.runtimes import open_runtime, x86_without_vnni
 from edgepc.export.writers import quiet_native_logs
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
-from edgepc.measure import interleaved_latency
+from edgepc.measure import interleaved_latency_by_threads
 from edgepc.models import MODELS, EmbeddingModel, build_model
 from edgepc.quant import convert, prepare
 from edgepc.quant.recipes import recipe
@@ -161,10 +161,7 @@ def measure(
                 with quiet_native_logs():
                     runtime = open_runtime(path, count)
                 runners[net, target, variant, count] = partial(runtime.run, image)
-    timed = {}
-    for count in threads:  # one thread count at a time, as the validate stage times them
-        same = {key: run for key, run in runners.items() if key[-1] == count}
-        timed |= interleaved_latency(same, warmup, iterations, block)
+    timed = interleaved_latency_by_threads(runners, warmup, iterations, block)
     for (net, target, variant, count), result in timed.items():
         rows[net, target, variant] |= {
             f"p50_ms_{count}t": result.p50_ms,

@@ -24,7 +24,7 @@ from edgepc.export.bundle import (
 from edgepc.export.parity import parity, violations
 from edgepc.export.runtimes import normalise, onnx_session_options, open_runtime, x86_without_vnni
 from edgepc.export.tensorrt import check_onnx
-from edgepc.measure import interleaved_latency, latency
+from edgepc.measure import interleaved_latency, interleaved_latency_by_threads, latency
 from edgepc.pipelines.config import ExportSection
 from edgepc.pipelines.deploy import (
     ValidationGateError,
@@ -218,6 +218,15 @@ def test_interleaved_latency_takes_turns_of_block_calls_and_counts_every_call():
         interleaved_latency({"a": lambda: None}, iterations=1)
     with pytest.raises(ValueError, match="block 0"):
         interleaved_latency({"a": lambda: None}, iterations=4, block=0)
+
+
+def test_interleaved_latency_by_threads_times_one_thread_count_after_the_other():
+    order = []
+    fns = {key: functools.partial(order.append, key) for key in [("a", 1), ("b", 2), ("c", 1)]}
+    timed = interleaved_latency_by_threads(fns, warmup=1, iterations=4, block=2)
+    threads = [count for _, count in order]
+    assert threads == [1] * 10 + [2] * 5  # a, c: 1 + 4 calls each; then b
+    assert set(timed) == set(fns)
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from edgepc.export.parity import parity, parity_table, violations
 from edgepc.export.runtimes import normalise, open_runtime
 from edgepc.export.writers import ExportError
 from edgepc.files import write_text
-from edgepc.measure import interleaved_latency
+from edgepc.measure import interleaved_latency_by_threads
 from edgepc.pipelines.config import LatencySection, PipelineConfig
 from edgepc.pipelines.plots import plot_validation
 from edgepc.pipelines.stages import StageContext, StageResult, build_student, prepare_data
@@ -151,8 +151,7 @@ def validate_bundle(folder: Path, threads: int = 1, progress: bool = False) -> d
 def time_bundles(folders: list[Path], section: LatencySection) -> dict[str, dict[str, float]]:
     """Batch-1 latency of every bundle at every thread count (``p50_ms_1t``, ``p99_ms_1t``,
     ``throughput_1t`` ...), keyed by bundle name: the bundles interleaved, one thread count
-    after the other (a multi-threaded session's workers spin on after its turn and would stall
-    the next turn: 1-thread p99 4.3 ms instead of 0.2-0.4 for a 0.1 ms CNN on 2 cores)."""
+    after the other."""
     runs = {}
     for folder in folders:
         manifest = read_manifest(folder)
@@ -162,10 +161,7 @@ def time_bundles(folders: list[Path], section: LatencySection) -> dict[str, dict
         for count in section.threads:
             runtime = open_runtime(folder / manifest.model, count)
             runs[manifest.name, count] = partial(runtime.run, x)
-    timed = {}
-    for count in section.threads:
-        same = {key: run for key, run in runs.items() if key[1] == count}
-        timed |= interleaved_latency(same, section.warmup, section.iterations, section.block)
+    timed = interleaved_latency_by_threads(runs, section.warmup, section.iterations, section.block)
     rows: dict[str, dict[str, float]] = {}
     for (name, count), result in timed.items():
         row = rows.setdefault(name, {})
