@@ -2,7 +2,7 @@
 
     python benchmarks/compare_losses.py                     # pipelines/study.yaml → docs/RESULTS.md
     python benchmarks/compare_losses.py --pairs mnist-tiny  # one pair (the report holds all done)
-    python benchmarks/compare_losses.py --pairs mnist-tiny --methods pc kd --out /tmp/part.md
+    python benchmarks/compare_losses.py --jobs 2             # two processes, a core each
     python benchmarks/compare_losses.py --profile smoke --out /tmp/study/RESULTS.md   # CI
 
 Every run is an ordinary pipeline run up to the distill stage (the deployed int8 rows: up to
@@ -19,15 +19,19 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -249,6 +253,8 @@ class Executor:
         self.trained = self.reused = 0
         self.devices: Counter[str] = Counter()
         self.keys: set[str] = set()  # of every run this invocation met
+        self.fresh: dict[str, str] = {}  # key -> device of each run trained by this process
+        self.by_workers: dict[str, str] = {}  # the same, of this invocation's --jobs workers
 
     def __call__(self, run: Run) -> dict[str, float]:
         config, teacher, key = run_config(self.study, run)
@@ -260,7 +266,10 @@ class Executor:
         tags = {"edgepc.study": self.study.name, "edgepc.study.key": key}
         found = self.tracker.search({**tags, "edgepc.kind": "pipeline"}, finished=True)
         if found:
-            self.reused += 1
+            if key in self.by_workers:
+                self.trained += 1
+            else:
+                self.reused += 1
             self.devices[found[0]["tags"].get("edgepc.device", "unrecorded")] += 1
             return found[0]["metrics"]
         if self.read_only:
@@ -272,6 +281,7 @@ class Executor:
         )  # fmt: skip
         self.trained += 1
         self.devices[report.device] += 1
+        self.fresh[key] = report.device
         metrics = {f"{s.stage}.{k}": v for s in report.stages for k, v in s.metrics.items()}
         self._same_teacher(teacher, metrics["teacher.test_top1"])
         return metrics | {f"{s.stage}.seconds": s.seconds for s in report.stages}
@@ -294,6 +304,9 @@ class Executor:
         return [record for key, record in self.recorded.entries if key not in self.keys]
 
 
+Execute = Callable[[Run], dict[str, float]]  # an Executor, or a stand-in that only notes runs
+
+
 @dataclass
 class Record:
     run: Run
@@ -302,7 +315,7 @@ class Record:
 
 
 def plan(
-    study: Study, pairs: list[str], execute: Executor, missing: list[Run] | None = None
+    study: Study, pairs: list[str], execute: Execute, missing: list[Run] | None = None
 ) -> Iterator[Record]:
     """Tune on the first seed, then every seed at the chosen trial. In read-only mode a method
     whose runs the store lacks gets no final rows (its done trials stay) and its first missing
@@ -342,7 +355,7 @@ def choose(tuned: list[Record], select: str) -> Record:
 
 
 def deploy_plan(
-    study: Study, records: list[Record], execute: Executor, missing: list[Run] | None = None
+    study: Study, records: list[Record], execute: Execute, missing: list[Run] | None = None
 ) -> Iterator[Record]:
     """PC and the baseline with the best mean validation top-1, class-aware, every seed, int8."""
     if study.deploy is None or "class_aware" not in study.settings:
@@ -359,6 +372,60 @@ def deploy_plan(
             runs = [Run(**{**asdict(run), "deploy": True}) for run in mine]
             deployed = [Record(run, "deploy", execute(run)) for run in runs]
             yield from deployed  # all seeds or none
+
+
+def _work(
+    study: Study, recorded: Recorded, cache: Path, uri: str | None, threads: int,
+    task: tuple[str, str, str] | Run,
+) -> dict[str, str]:  # fmt: skip
+    """One task of a ``--jobs`` worker process: a method's runs of one pair and setting (its
+    grid, then every seed of the chosen trial) or one int8 run. Returns the key and device of
+    each run it trained."""
+    torch.set_num_threads(threads)
+    execute = Executor(study, Tracker(uri), cache, False, recorded)
+    if isinstance(task, Run):
+        execute(task)
+    else:
+        pair, setting, method = task
+        one = study.model_copy(
+            update={"methods": [method], "settings": {setting: study.settings[setting]}}
+        )
+        for _ in plan(one, [pair], execute):
+            pass
+    return execute.fresh
+
+
+def train_in_parallel(
+    study: Study, pairs: list[str], execute: Executor, jobs: int, uri: str | None
+) -> None:
+    """Train what the study lacks in ``jobs`` worker processes (the cores split evenly between
+    them): every method of every pair and setting, then the int8 runs. The caller's own pass
+    then reads every run back, and counts those the workers trained as trained."""
+    if str(Path(__file__).parent) not in sys.path:  # a worker imports this file by its name
+        sys.path.append(str(Path(__file__).parent))
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    work = partial(_work, study, execute.recorded, execute.cache, uri, threads)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+
+        def gather(tasks: list, unit: str) -> None:
+            futures = [pool.submit(work, task) for task in tasks]
+            with tqdm(total=len(futures), desc=f"{study.name} ({jobs} jobs)", unit=unit) as bar:
+                for future in as_completed(futures):
+                    try:
+                        execute.by_workers |= future.result()
+                    except BaseException:
+                        pool.shutdown(cancel_futures=True)
+                        raise
+                    bar.update()
+
+        gather(list(itertools.product(pairs, study.settings, study.methods)), "method")
+        if study.deploy:  # which int8 runs: from the runs just trained
+            done = Executor(study, execute.tracker, execute.cache, True, execute.recorded)
+            records = list(plan(study, pairs, done, missing=[]))
+            runs: list[Run] = []
+            list(deploy_plan(study, records, lambda run: runs.append(run) or {}))
+            gather(runs, "int8 run")
 
 
 @dataclass(frozen=True)
@@ -654,8 +721,9 @@ def plot_coherence(study: Study, records: list[Record], pairs: list[str], path: 
     save_figure(fig, path)
 
 
-def loss_cost_table() -> str:
-    """Forward + backward of each loss at B = 128 on every device benchmarks/results has."""
+def loss_cost_table(methods: list[str]) -> str:
+    """Forward + backward of each loss of ``methods`` (and PC's plain reference) at B = 128 on
+    every device benchmarks/results has."""
     paths = [ROOT / "benchmarks" / "results" / f"loss_cost{s}.json" for s in ("", "_cuda")]
     reports = [json.loads(path.read_text()) for path in paths if path.is_file()]
     if not reports:
@@ -664,12 +732,14 @@ def loss_cost_table() -> str:
         {p["loss"]: p for p in r["points"] if p["batch"] == 128 and p["seconds"] is not None}
         for r in reports
     ]
-    losses = list(dict.fromkeys(loss for points in at_128 for loss in points))
+    shown = [*(m for m in methods if m != "scratch"), "pc_reference"]
+    measured = [loss for points in at_128 for loss in points if loss in shown]
+    losses = list(dict.fromkeys([*measured, *shown]))  # unmeasured ones too, as "—"
     columns = " | ".join(f"{r['device_name']}: ms / peak extra MiB" for r in reports)
     lines = [f"| loss | {columns} |", "|---|" + "---|" * len(reports)]
     for loss in losses:
         cells = [
-            f"{1000 * p[loss]['seconds']:.1f} / {p[loss]['peak_mib']:.0f}" if loss in p else ""
+            f"{1000 * p[loss]['seconds']:.1f} / {p[loss]['peak_mib']:.0f}" if loss in p else "—"
             for p in at_128
         ]
         lines.append(f"| {loss} | " + " | ".join(cells) + " |")
@@ -682,6 +752,8 @@ def loss_cost_table() -> str:
         "- Forward + backward at B = 128. On a GPU a batch this small is bound by "
         "kernel launches; `benchmarks/results/loss_cost*.md` have B = 64 to 2048."
     )
+    if any(loss not in p for p in at_128 for loss in losses):
+        lines.append("- —: not measured on that device yet (its file predates the loss).")
     return "\n".join(lines)
 
 
@@ -769,7 +841,9 @@ def report(
             f"## {spec.title}",
             "",
             f"Teacher test top-1 {teacher.get('teacher.test_top1', float('nan')):.4f}, kNN top-1 "
-            f"{teacher.get('teacher.test_knn_top1', float('nan')):.4f}. Overrides: "
+            f"{teacher.get('teacher.test_knn_top1', float('nan')):.4f}"
+            + (f" (committed weights `{spec.teacher}`)" if spec.teacher else "")
+            + ". Overrides: "
             + ", ".join(f"`{o}`" for o in spec.overrides),
             "",
         ]
@@ -801,7 +875,7 @@ def report(
             table,
             "",
         ]
-    lines += ["## Cost per training step of each loss", "", loss_cost_table(), ""]
+    lines += ["## Cost per training step of each loss", "", loss_cost_table(study.methods), ""]
     lines += ["`train img/s` in the tables above is the whole training step of each run.", ""]
     return "\n".join(lines)
 
@@ -838,6 +912,10 @@ def main(argv: list[str] | None = None) -> int:
         help="committed records to read runs back from (default: --out with .json; none: "
         "read only MLflow)",
     )  # fmt: skip
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="train in this many processes, the cores split between them (default 1)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -856,6 +934,10 @@ def main(argv: list[str] | None = None) -> int:
         recorded = Recorded.read(records_path) if str(args.records) != "none" else Recorded.none()
         execute = Executor(study, tracker, args.cache or default_cache(), args.report_only,
                            recorded)  # fmt: skip
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: give 1 or more processes")
+        if args.jobs > 1 and not args.report_only:
+            train_in_parallel(study, pairs, execute, args.jobs, args.tracking_uri)
         records: list[Record] = []
         missing: list[Run] = []  # read-only mode: the first missing run of each method
         bar = tqdm(desc=study.name, unit="run")

@@ -156,11 +156,13 @@ def test_int8_rows_are_pc_and_the_baseline_with_the_best_validation_top1():
 
 
 @pytest.mark.slow
-def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, capsys):
+def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, capsys, monkeypatch):
     out = tmp_path / "docs" / "RESULTS.md"
     args = ["--profile", "smoke", "--out", str(out), "--cache", str(tmp_path / "cache"),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
-    assert study_module.main(args) == 0
+    with monkeypatch.context() as patch:  # every run trains in the two worker processes
+        patch.setattr(study_module, "run_pipeline", lambda *a, **k: pytest.fail("not a worker"))
+        assert study_module.main([*args, "--jobs", "2"]) == 0
     first = json.loads(out.with_suffix(".json").read_text())
     # class-unaware: kd, rkd_angle, pc × 1 lr; class-aware: the three × 2 weights; one seed.
     assert (first["trained"], first["reused"]) == (9, 0)
@@ -222,6 +224,8 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     assert study_module.main([*args, "--methods", "pkd"]) == 2
     known = "['kd', 'rkd_angle', 'pc']"
     assert capsys.readouterr().err == f"error: unknown methods ['pkd']; the study has {known}\n"
+    assert study_module.main([*args, "--jobs", "0"]) == 2
+    assert capsys.readouterr().err == "error: --jobs 0: give 1 or more processes\n"
 
     changed = yaml.safe_load((PIPELINES / "study.yaml").read_text())
     changed["profiles"]["smoke"]["settings"]["class_aware"]["grid"]["weight"] = [0.3, 2.0]
@@ -256,15 +260,21 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
 
 
 def test_loss_cost_table_has_every_transfer_loss_on_every_measured_device():
-    table = study_module.loss_cost_table()
+    table = study_module.loss_cost_table(study().methods)
     header, _, *rows = table.split("\n\n")[0].splitlines()
     devices = header.count("ms / peak extra MiB")
     assert devices == 2  # benchmarks/results holds a CPU and a CUDA run
     cells = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ")[1:] for row in rows}
     assert set(cells) == {*study().methods, "pc_reference"} - {"scratch"}
-    for values in cells.values():
-        assert len(values) == devices
-        assert all(re.fullmatch(r"\d+\.\d / \d+", v) for v in values)
+    results = study_module.ROOT / "benchmarks" / "results"
+    measured = [
+        {p["loss"] for p in json.loads((results / name).read_text())["points"]}
+        for name in ("loss_cost.json", "loss_cost_cuda.json")
+    ]
+    for loss, values in cells.items():  # "—" exactly where a device's file lacks the loss
+        for value, losses in zip(values, measured, strict=True):
+            assert re.fullmatch(r"\d+\.\d / \d+", value) if loss in losses else value == "—"
+    assert sum(v != "—" for values in cells.values() for v in values) >= 2 * 9  # all but CRD
 
 
 def test_the_screen_profile_gives_pc_variants_and_baselines_matched_trials():
@@ -286,8 +296,17 @@ def test_the_screen_profile_gives_pc_variants_and_baselines_matched_trials():
         else:
             assert config.distill.train.beta == 0
             assert config.distill.train.baselines == {s.loss_of(method): {"weight": 1.0}}
-    # The pair is the study's own fmnist-tiny (a YAML merge), with the committed teacher added.
-    assert s.pairs["fmnist-tiny"].overrides == study().pairs["fmnist-tiny"].overrides
+    # The pair is the study's own fmnist-tiny as it was screened (batch 128, lr 0.003): the
+    # study now trains at the batch and step size the screen chose, and nothing else differs.
+    screened, now = s.pairs["fmnist-tiny"], study().pairs["fmnist-tiny"]
+    assert screened.teacher == now.teacher
+    changed = [(a, b) for a, b in zip(screened.overrides, now.overrides, strict=True) if a != b]
+    assert changed == [
+        (
+            "distill.train={epochs: 8, batch_size: 128, lr: 0.003, pc: {tau: 0.3}}",
+            "distill.train={epochs: 8, batch_size: 32, lr: 0.005, pc: {tau: 0.3}}",
+        )
+    ]
 
 
 @pytest.mark.slow
