@@ -1,6 +1,6 @@
 """The comparison study: perception coherence against the baselines, under one protocol.
 
-    python benchmarks/compare_losses.py                     # pipelines/study.yaml → docs/RESULTS.md
+    python benchmarks/compare_losses.py                     # configs/study.yaml → RESULTS.md
     python benchmarks/compare_losses.py --pairs mnist-tiny  # one pair (the report holds all done)
     python benchmarks/compare_losses.py --jobs 2             # two processes, a core each
     python benchmarks/compare_losses.py --profile smoke --out /tmp/study/RESULTS.md   # CI
@@ -49,7 +49,7 @@ from edgepc.distill.losses import loss_class, loss_names
 from edgepc.errors import EdgepcError
 from edgepc.files import save_figure, write_text
 from edgepc.hardware import cpu_name
-from edgepc.pipelines.config import PIPELINES, ConfigError, PipelineConfig, load_config
+from edgepc.pipelines.config import CONFIGS, ConfigError, PipelineConfig, load_config
 from edgepc.pipelines.runner import default_cache, run_pipeline, stage_keys
 from edgepc.tracking import Tracker, git_commit
 
@@ -264,7 +264,7 @@ class Executor:
             self.devices[self.recorded.device] += 1
             return self.recorded.metrics[key]
         tags = {"edgepc.study": self.study.name, "edgepc.study.key": key}
-        found = self.tracker.search({**tags, "edgepc.kind": "pipeline"}, finished=True)
+        found = self.tracker.runs.search({**tags, "edgepc.kind": "pipeline"}, finished=True)
         if found:
             if key in self.by_workers:
                 self.trained += 1
@@ -893,7 +893,7 @@ def _variants_line(out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=PIPELINES / "study.yaml")
+    parser.add_argument("--config", type=Path, default=CONFIGS / "study.yaml")
     parser.add_argument("--profile", help="a profile of the study config (smoke)")
     parser.add_argument("--pairs", nargs="+", help="train only these pairs (default: all)")
     parser.add_argument(

@@ -4,7 +4,7 @@ against the same student trained from scratch on labels.
 
     python benchmarks/full_profile.py [--work DIR] [--out benchmarks/results] [key=value ...]
 
-It runs the pipeline's own stage functions with ``pipelines/cpu.yaml --profile full`` (plus the
+It runs the pipeline's own stage functions with ``edgepc/configs/cpu.yaml --profile full`` (plus the
 overrides), but without the MLflow runner, so that it also runs on a bare GPU machine; each
 stage's result is written to ``full_profile.json`` / ``.md`` as soon as it is known.
 """

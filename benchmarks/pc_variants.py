@@ -40,7 +40,7 @@ from tqdm import tqdm
 from edgepc.errors import EdgepcError
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
-from edgepc.pipelines.config import PIPELINES
+from edgepc.pipelines.config import CONFIGS
 from edgepc.pipelines.runner import default_cache
 from edgepc.tracking import Tracker, git_commit
 
@@ -226,7 +226,7 @@ def step_cost(path: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=PIPELINES / "study.yaml")
+    parser.add_argument("--config", type=Path, default=CONFIGS / "study.yaml")
     parser.add_argument("--profile", default="screen")
     parser.add_argument("--confirm", type=int, default=3, help="methods per family with every seed")
     parser.add_argument("--methods", nargs="+", help="only these methods (split across processes)")

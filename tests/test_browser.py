@@ -1,5 +1,6 @@
-"""The MLflow comparison view, in a real browser: two pipeline runs side by side in headless
-Chromium (Debian's ``chromium``; ``.ci/run`` installs it), with edgepc's metrics for both."""
+"""The MLflow UI in a real browser (headless Chromium, Debian's ``chromium``; ``.ci/run``
+installs it): the experiment page lists the pipeline runs, and the comparison view shows two of
+them side by side with edgepc's metrics for both."""
 
 import json
 import re
@@ -11,6 +12,7 @@ import pytest
 
 from edgepc.pipelines.config import load_config
 from edgepc.pipelines.runner import run_pipeline
+from edgepc.pipelines.ui import runs_page
 from edgepc.tracking import Tracker
 from tests.conftest import SMALL, mlflow_ui
 
@@ -25,14 +27,14 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_mlflow_compare_view_shows_both_pipeline_runs(tmp_path, monkeypatch, small):
+def test_mlflow_ui_lists_and_compares_pipeline_runs(tmp_path, monkeypatch, small):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tracker = Tracker(uri)
     cache = small.copy(tmp_path / "cache")  # seed 0 is read from it, seed 1 trains
     reports = [
-        run_pipeline(load_config("cpu", overrides=[*SMALL, f"seed={seed}"]), cache, tracker,
-                     progress=False, echo=lambda _: None)
+        run_pipeline(load_config("cpu", overrides=[*SMALL, f"seed={seed}", f"name=ui-{seed}"]),
+                     cache, tracker, progress=False, echo=lambda _: None)
         for seed in (0, 1)
     ]  # fmt: skip
     # The validate stage's runs: the artifacts' runtime metrics, named alike in every run.
@@ -45,6 +47,13 @@ def test_mlflow_compare_view_shows_both_pipeline_runs(tmp_path, monkeypatch, sma
         dom = chromium("--dump-dom", url)
         shot = tmp_path / "compare-runs.png"
         chromium(f"--screenshot={shot}", url)
+        # Where a user goes first: the link `python -m edgepc.pipelines.ui` prints.
+        experiment = chromium("--dump-dom", runs_page(address, str(tracker.experiment_id)))
+    page = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", experiment.stdout))
+    for report in reports:  # the runs table, not the GenAI overview of traces
+        assert report.name in page, f"pipeline run {report.name} is not on the experiment page"
+    assert "Run Name" in page
+    assert "No data available" not in page
     assert dom.returncode == 0, dom.stderr[-2000:]
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout))
     assert "Run details" in text  # the comparison page rendered, not an error page

@@ -141,19 +141,19 @@ def test_ingest_attaches_reports_to_the_export_run_and_compare_lines_them_up(
             chosen = model if source == "fp32" else int8["cpu"]
             write_bundle(tmp_path / name, chosen, example, "cpu", source, testset, spec,
                          list(classes), run_id)  # fmt: skip
-            tracker.log_artifacts(tmp_path / name, f"export/{name}")
+            tracker.log_artifact(tmp_path / name, f"export/{name}")
             reports[name] = tmp_path / f"{name}.json"
             done = run_script("cpu", tmp_path / name, blocker(), "--out", str(reports[name]),
                               "--threads", "1", "--iterations", "20")  # fmt: skip
             assert done.returncode == 0, done.stderr[-2000:]
     assert ingest.main([str(reports["cpu-fp32"]), "--device", "orin nano"]) == 0
     assert ingest.main([str(reports["cpu-int8"]), "--device", "orin nano"]) == 0
-    run = tracker.find_run(run_id)
+    run = tracker.runs.find(run_id)
     top1 = json.loads(reports["cpu-int8"].read_text())["accuracy"]["top1"]
     assert run["metrics"]["orin-nano.int8_test_top1"] == top1
     assert run["metrics"]["orin-nano.fp32_p50_ms_1t"] > 0
     assert "onnxruntime" in run["tags"]["edgepc.device.orin-nano"]
-    assert tracker.read_artifact(run_id, "devices/orin-nano/cpu-int8.json") is not None
+    assert tracker.runs.read_artifact(run_id, "devices/orin-nano/cpu-int8.json") is not None
     # A report of another model, of an unknown run, or malformed: refused, nothing attached.
     forged = json.loads(reports["cpu-int8"].read_text())
     forged["bundle"]["model_sha256"] = "0" * 64
@@ -166,7 +166,7 @@ def test_ingest_attaches_reports_to_the_export_run_and_compare_lines_them_up(
         ingest.ingest(tmp_path / "lost.json", tracker)
     (tmp_path / "bad.json").write_text('{"report_version": 1}')
     assert ingest.main([str(tmp_path / "bad.json")]) == 2
-    rows = compare.collect(tracker.stage_runs("export"))
+    rows = compare.collect(tracker.runs.of_stage("export"))
     assert [(r["device"], r["artifact"]) for r in rows] == [("orin-nano", "fp32"),
                                                             ("orin-nano", "int8")]  # fmt: skip
     assert compare.main(["--out", str(tmp_path / "compare.png")]) == 0

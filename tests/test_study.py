@@ -9,20 +9,20 @@ import pytest
 import yaml
 
 from edgepc.hardware import pick_device
-from edgepc.pipelines.config import PIPELINES, ConfigError, load_config
+from edgepc.pipelines.config import CONFIGS, ConfigError, load_config
 from tests.conftest import benchmark_script
 
 study_module = benchmark_script("compare_losses")
 Run, Record, Stat = study_module.Run, study_module.Record, study_module.Stat
 
 
-def study(profile=None, path=PIPELINES / "study.yaml"):
+def study(profile=None, path=CONFIGS / "study.yaml"):
     return study_module.load_study(path, profile)
 
 
 @pytest.mark.parametrize("path", ["study.yaml", "study-cifar100.yaml"])
 def test_every_run_of_the_shipped_studies_is_a_valid_pipeline_config(path):
-    s = study(path=PIPELINES / path)
+    s = study(path=CONFIGS / path)
     for pair in s.pairs:
         for setting in s.settings:
             for method in s.methods:
@@ -66,7 +66,7 @@ def test_every_method_gets_the_same_budget_except_scratch_on_a_weight_grid():
 
 
 def test_bad_study_configs_are_one_line_errors(tmp_path):
-    raw = yaml.safe_load((PIPELINES / "study.yaml").read_text())
+    raw = yaml.safe_load((CONFIGS / "study.yaml").read_text())
     cases = {
         "unknown method": ({**raw, "methods": ["pc", "pkd"]}, "'pkd' is neither scratch"),
         "deploy pair": ({**raw, "deploy": {"pair": "nope"}}, "deploy.pair 'nope'"),
@@ -227,7 +227,7 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     assert study_module.main([*args, "--jobs", "0"]) == 2
     assert capsys.readouterr().err == "error: --jobs 0: give 1 or more processes\n"
 
-    changed = yaml.safe_load((PIPELINES / "study.yaml").read_text())
+    changed = yaml.safe_load((CONFIGS / "study.yaml").read_text())
     changed["profiles"]["smoke"]["settings"]["class_aware"]["grid"]["weight"] = [0.3, 2.0]
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(changed))
@@ -312,7 +312,7 @@ def test_the_screen_profile_gives_pc_variants_and_baselines_matched_trials():
 @pytest.mark.slow
 def test_pc_variants_screens_confirms_and_chooses_on_validation_only(tmp_path, capsys):
     variants = benchmark_script("pc_variants")
-    raw = yaml.safe_load((PIPELINES / "study.yaml").read_text())
+    raw = yaml.safe_load((CONFIGS / "study.yaml").read_text())
     smoke = raw["profiles"]["smoke"]
     raw["profiles"] = {"screen": {
         "seeds": [0, 1],

@@ -7,7 +7,8 @@ import pytest
 import mlflow
 from edgepc.errors import EdgepcError
 from edgepc.tracking import OPS, Tracker, TrackingError
-from edgepc.tracking.sync import main, replay
+from edgepc.tracking.spool import replay
+from edgepc.tracking.sync import main
 
 DOWN = "sqlite:////proc/edgepc-no-such-store/mlflow.db"  # fails at once, like a dead store
 
@@ -108,3 +109,31 @@ def test_stop_is_one_line_when_the_store_is_down(tmp_path):
 def test_nothing_to_sync(tmp_path, capsys):
     assert main(["--spool", str(tmp_path / "none")]) == 0
     assert "nothing to sync" in capsys.readouterr().out
+
+
+def test_the_experiment_says_it_is_model_development(tmp_path):
+    """MLflow 3 opens an experiment without ``mlflow.experimentKind`` on its GenAI overview;
+    a new store gets the tag, and so does a store made before it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    old = client.create_experiment("edgepc")  # as an earlier edgepc left it: no kind
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    tracker = Tracker(uri)
+    assert tracker.experiment_id == old
+    kind = client.get_experiment(old).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
+    fresh = Tracker(uri, experiment="edgepc-new").experiment_id
+    assert client.get_experiment(fresh).tags["mlflow.experimentKind"] == kind
+
+
+def test_the_default_store_and_spool_are_in_the_working_directory(tmp_path, monkeypatch):
+    from edgepc.pipelines.runner import default_cache
+    from edgepc.tracking import tracking_uri
+    from edgepc.tracking.spool import spool_folder
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "EDGEPC_SPOOL", "EDGEPC_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert spool_folder() == tmp_path / "mlflow-spool"
+    assert default_cache() == tmp_path / ".edgepc-cache"

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         tracker = Tracker()
-        rows = collect(tracker.stage_runs("export"))
+        rows = collect(tracker.runs.of_stage("export"))
         if not rows:
             raise EdgepcError(
                 f"no device reports in {tracker.uri}: run python -m edgepc.devices.ingest first"

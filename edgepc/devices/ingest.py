@@ -22,12 +22,12 @@ def ingest(path: Path, tracker: Tracker, device: str | None = None) -> tuple[str
     """Attach one report; returns (run id, device key)."""
     report = read_report(path)
     run_id = report.bundle.mlflow_run_id
-    if run_id is None or tracker.find_run(run_id) is None:
+    if run_id is None or tracker.runs.find(run_id) is None:
         raise ReportError(
             f"{path}: its bundle's run {run_id} is not in {tracker.uri}: point "
             "MLFLOW_TRACKING_URI at the store of the pipeline that exported it"
         )
-    manifest = tracker.read_artifact(run_id, f"export/{report.bundle.name}/manifest.json")
+    manifest = tracker.runs.read_artifact(run_id, f"export/{report.bundle.name}/manifest.json")
     if manifest is None:
         raise ReportError(f"{path}: run {run_id} holds no bundle {report.bundle.name!r}")
     files = json.loads(manifest)["files"]

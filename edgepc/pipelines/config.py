@@ -19,7 +19,7 @@ from edgepc.distill.losses import loss_class
 from edgepc.errors import EdgepcError
 from edgepc.quant.recipes import RECIPES
 
-PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped with the package
 
 
 class ConfigError(EdgepcError):
@@ -257,12 +257,12 @@ def load_config(
     profile: str | None = None,
     overrides: list[str] = (),
 ) -> PipelineConfig:
-    """``pipelines/<target>.yaml`` (or ``path``), then the named profile, then the overrides."""
-    path = path or PIPELINES / f"{target}.yaml"
+    """``edgepc/configs/<target>.yaml`` (or ``path``), then the profile, then the overrides."""
+    path = path or CONFIGS / f"{target}.yaml"
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        known = ", ".join(sorted(p.stem for p in PIPELINES.glob("*.yaml")))
+        known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
         raise ConfigError(f"no pipeline config {path}; known targets: {known}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {_one_line(error)}") from None

@@ -1,8 +1,9 @@
 """``python -m edgepc.pipelines.run TARGET [--profile quick|full] [key=value ...]``.
 
 Runs data → teacher → distill → qat → export → validate → register for the config
-(``pipelines/TARGET.yaml``), skipping stages whose inputs are unchanged, and ends with a summary
-table (every artifact with its accuracy, coherence, latency and size) and where to see the runs.
+(``edgepc/configs/TARGET.yaml``), skipping stages whose inputs are unchanged, and ends with a
+summary table (every artifact with its accuracy, coherence, latency and size) and where to see
+the runs.
 
 Data-parallel on N processes: ``torchrun --nproc_per_node=N -m edgepc.pipelines.run TARGET ...``
 (NCCL on GPUs, gloo on CPUs). The training stages run on every rank with a global batch of
@@ -20,7 +21,7 @@ from pathlib import Path
 from edgepc.distill.distributed import init_from_env, local_device, rank
 from edgepc.errors import EdgepcError
 from edgepc.hardware import pick_device
-from edgepc.pipelines.config import PIPELINES, load_config
+from edgepc.pipelines.config import CONFIGS, load_config
 from edgepc.pipelines.runner import (
     STAGES,
     PipelineReport,
@@ -86,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgepc.pipelines.run", description=__doc__)
     parser.add_argument("target", choices=[*TARGETS, "all"], help="which deployment target")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. distill.train.epochs=3")
-    parser.add_argument(
-        "--config", type=Path, help=f"config file (default {PIPELINES}/TARGET.yaml)"
-    )
+    parser.add_argument("--config", type=Path, help=f"config file (default {CONFIGS}/TARGET.yaml)")
     parser.add_argument("--profile", choices=["quick", "full"], help="a profile of the config")
     parser.add_argument("--cache", type=Path, default=None, help=f"default {default_cache()}")
     parser.add_argument("--until", choices=[s.name for s in STAGES], help="stop after this stage")

@@ -83,9 +83,9 @@ class PipelineReport:
 
 
 def default_cache() -> Path:
-    """``$EDGEPC_CACHE``, else ``.edgepc-cache`` in the project folder."""
+    """``$EDGEPC_CACHE``, else ``.edgepc-cache`` in the working directory."""
     env = os.environ.get("EDGEPC_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".edgepc-cache"
+    return Path(env) if env else Path.cwd() / ".edgepc-cache"
 
 
 # Options added after keys were first recorded: at their default they are left out of the key,
@@ -206,7 +206,7 @@ def run_pipeline(
                     for name in result.files.values():
                         path = workdir / name
                         if path.is_dir():
-                            tracker.log_artifacts(path, f"{stage.name}/{name}")
+                            tracker.log_artifact(path, f"{stage.name}/{name}")
                         elif path.stat().st_size < 64 * 2**20:
                             tracker.log_artifact(path, stage.name)
                 else:
