@@ -42,13 +42,13 @@ from tqdm import tqdm
 
 from edgepc.export.bundle import WRITERS
 from edgepc.export.inspect import INTEGER_WEIGHT_INPUT
-from edgepc.export.runtimes import onnx_session_options, open_runtime, x86_without_vnni
-from edgepc.export.writers import quiet_native_logs
+from edgepc.export.runtimes import open_runtime
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
 from edgepc.measure import interleaved_latency
 from edgepc.models import EmbeddingModel
 from edgepc.quant import convert, prepare
+from edgepc_device.runtimes import onnx_session_options, quiet_native_logs, x86_without_vnni
 
 if TYPE_CHECKING:
     import onnx

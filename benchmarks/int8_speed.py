@@ -43,14 +43,14 @@ from tqdm import tqdm
 
 from edgepc.export.bundle import WRITERS
 from edgepc.export.inspect import tflite_bytes
-from edgepc.export.runtimes import open_runtime, x86_without_vnni
-from edgepc.export.writers import quiet_native_logs
+from edgepc.export.runtimes import open_runtime
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
 from edgepc.measure import interleaved_latency_by_threads
 from edgepc.models import MODELS, EmbeddingModel, build_model
 from edgepc.quant import convert, prepare
 from edgepc.quant.recipes import recipe
+from edgepc_device.runtimes import quiet_native_logs, x86_without_vnni
 
 STANDARD_STEMS: dict[str, Callable[[], EmbeddingModel]] = {
     "mobilenetv2_0.5@224": lambda: EmbeddingModel(

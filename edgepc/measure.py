@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import torch
 
+from edgepc_device.timing import summarise
+
 K = TypeVar("K")
 
 _STATUS = Path("/proc/self/status")
@@ -230,13 +232,7 @@ def interleaved_latency_by_threads(
 
 
 def _summary(times: list[float], warmup: int) -> Latency:
-    cuts = statistics.quantiles(times, n=100, method="inclusive")
-    return Latency(
-        p50_ms=cuts[49],
-        p90_ms=cuts[89],
-        p99_ms=cuts[98],
-        mean_ms=statistics.fmean(times),
-        std_ms=statistics.stdev(times),
-        warmup=warmup,
-        iterations=len(times),
-    )
+    """The device timer's summary (:func:`edgepc_device.timing.summarise`), typed."""
+    summary = summarise(times, warmup)
+    del summary["throughput"]  # a property of Latency
+    return Latency(**summary)

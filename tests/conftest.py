@@ -23,10 +23,10 @@ from edgepc.data import channel_stats, load_dataset, make_splits
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TrainConfig, train
 from edgepc.export.bundle import TESTSET, Normalise, write_bundle, write_testset
-from edgepc.export.runtimes import normalise
 from edgepc.models import build_model
 from edgepc.quant import convert
 from edgepc.quant.finetune import ptq
+from edgepc_device.bundle import normalise
 
 CPU = torch.device("cpu")
 # The cpu pipeline at the smallest size where every stage does real work (300 real training

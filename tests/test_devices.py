@@ -1,7 +1,9 @@
-"""The on-device scripts run with numpy and the runtime alone (torch, edgepc and mlflow made
-unimportable) and reproduce the validate stage; their pc_* port equals edgepc's metrics."""
+"""The on-device core (edgepc_device) runs from a copy of its folder with numpy and the runtime
+alone (torch, edgepc and mlflow made unimportable) and reproduces the validate stage; its pc_*
+port equals edgepc's metrics."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,23 +12,27 @@ import numpy as np
 import pytest
 import torch
 
+import edgepc_device
 from edgepc.coherence import coherence_metrics
 from edgepc.pipelines.deploy import validate_bundle
+from edgepc_device import jetson
+from edgepc_device.bundle import load_testset
+from edgepc_device.metrics import coherence_metrics as numpy_metrics
+from edgepc_device.timing import summarise
 from tests.conftest import bundle
-
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT / "devices"))
-import common  # noqa: E402  (devices/common.py, the scripts' shared helper)
 
 BLOCKED = ("torch", "edgepc", "mlflow", "torchvision")
 
 
 @pytest.fixture(scope="module")
 def blocker(tmp_path_factory):
-    """A folder that, first on PYTHONPATH, makes the named packages fail to import."""
+    """A folder that, first on PYTHONPATH, makes the named packages fail to import, with a copy
+    of the edgepc_device folder beside them (as it reaches a device: copied as is)."""
 
     def make(*extra: str) -> Path:
         folder = tmp_path_factory.mktemp("blocked")
+        shutil.copytree(Path(edgepc_device.__file__).parent, folder / "edgepc_device",
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
         for name in (*BLOCKED, *extra):
             (folder / name).mkdir()
             (folder / name / "__init__.py").write_text(
@@ -38,10 +44,11 @@ def blocker(tmp_path_factory):
 
 
 def run_script(target: str, folder: Path, blocked: Path, *args: str):
-    script = PROJECT / "devices" / target / "validate.py"
+    """``python3 -m edgepc_device TARGET BUNDLE ...`` from the copied folder, in another cwd."""
     env = {"PYTHONPATH": str(blocked), "PATH": "/usr/bin:/bin"}
-    command = [sys.executable, str(script), str(folder), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    command = [sys.executable, "-m", "edgepc_device", target, str(folder), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
+                          cwd=folder.parent)  # fmt: skip
 
 
 def test_numpy_metrics_equal_edgepc_metrics():
@@ -53,14 +60,12 @@ def test_numpy_metrics_equal_edgepc_metrics():
         teacher[:, 0] = np.round(teacher[:, 0])
         expected = coherence_metrics(torch.from_numpy(student).double(),
                                      torch.from_numpy(teacher).double()).as_dict()  # fmt: skip
-        assert common.coherence_metrics(student, teacher, block=64) == pytest.approx(
-            expected, abs=1e-12
-        )
+        assert numpy_metrics(student, teacher, block=64) == pytest.approx(expected, abs=1e-12)
 
 
 def test_latency_summary_follows_edgepc_measure():
     times = [float(t) for t in range(1, 101)]
-    summary = common.summarise(times, warmup=5)
+    summary = summarise(times, warmup=5)
     assert summary["p50_ms"] == 50.5
     assert summary["p99_ms"] == pytest.approx(99.01)
     assert summary["iterations"] == 100
@@ -132,7 +137,7 @@ def test_ingest_attaches_reports_to_the_export_run_and_compare_lines_them_up(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tracker = Tracker(uri)
     model, int8, testset, spec, classes = setup
-    example = torch.from_numpy(common.load_testset(testset.parent, {
+    example = torch.from_numpy(load_testset(testset.parent, {
         "testset": testset.name, "normalisation": spec.model_dump()})[0][:2])  # fmt: skip
     reports = {}
     with tracker.run("export", {"edgepc.stage": "export", "edgepc.target": "cpu"}) as run_id:
@@ -175,9 +180,6 @@ def test_ingest_attaches_reports_to_the_export_run_and_compare_lines_them_up(
 
 
 def test_jetson_engine_cache_takes_only_a_matching_engine():
-    sys.path.insert(0, str(PROJECT / "devices" / "jetson"))
-    import validate as jetson  # devices/jetson/validate.py
-
     meta = {"onnx_sha256": "a" * 64, "tensorrt": "10.3.0", "gpu": "Orin"}
     assert jetson.engine_is_current(meta, "a" * 64, "10.3.0", "Orin")
     assert not jetson.engine_is_current(None, "a" * 64, "10.3.0", "Orin")
@@ -205,3 +207,27 @@ def test_jetson_script_refuses_without_tensorrt_and_reports_nothing(tmp_path, se
     other = run_script("jetson", tmp_path / cpu.name, blocked)
     assert "is a 'cpu' bundle" in other.stderr
     assert "Traceback" not in done.stderr + missing.stderr + other.stderr
+
+
+@pytest.mark.slow
+def test_jetson_builder_refuses_without_tensorrt_and_checks_the_bundle(tmp_path, setup, blocker):
+    manifest = bundle(tmp_path, setup, "jetson", "ptq")
+    folder = tmp_path / manifest.name
+    blocked = blocker("tensorrt")
+    done = run_script("build-engine", folder, blocked)
+    assert done.returncode == 2
+    assert not (folder / "model.engine").exists()
+    assert "tensorrt is not importable" in done.stderr  # this machine has no TensorRT
+    assert run_script("build-engine", folder, blocked, "--max-batch", "0").returncode == 2
+    cpu = bundle(tmp_path, setup, "cpu", "fp32")
+    assert "is a 'cpu' bundle" in run_script("build-engine", tmp_path / cpu.name, blocked).stderr
+    model = folder / manifest.model
+    model.write_bytes(model.read_bytes() + b"\0")
+    assert "does not match its sha256" in run_script("build-engine", folder, blocked).stderr
+
+
+def test_the_command_names_its_commands():
+    done = subprocess.run([sys.executable, "-m", "edgepc_device"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "give a command: cpu, mobile, jetson, build-engine" in done.stderr

@@ -3,8 +3,6 @@ check, the latency timer, the accuracy gate and the Jetson engine builder's refu
 
 import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from edgepc.export.bundle import (
     read_manifest,
 )
 from edgepc.export.parity import parity, violations
-from edgepc.export.runtimes import normalise, onnx_session_options, open_runtime, x86_without_vnni
+from edgepc.export.runtimes import open_runtime
 from edgepc.export.tensorrt import check_onnx
 from edgepc.measure import interleaved_latency, interleaved_latency_by_threads, latency
 from edgepc.pipelines.config import ExportSection
@@ -33,6 +31,8 @@ from edgepc.pipelines.deploy import (
     validation_table,
 )
 from edgepc.pipelines.stages import StageContext, StageResult
+from edgepc_device.bundle import normalise
+from edgepc_device.runtimes import onnx_session_options, x86_without_vnni
 from tests.conftest import bundle
 
 CPU = torch.device("cpu")
@@ -115,9 +115,9 @@ def test_exact_int8_kernels_are_asked_for_exactly_where_vnni_is_missing(tmp_path
     assert x86_without_vnni(tmp_path / "absent") is False
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     key = "session.x64quantprecision"
-    monkeypatch.setattr("edgepc.export.runtimes.x86_without_vnni", lambda: True)
+    monkeypatch.setattr("edgepc_device.runtimes.x86_without_vnni", lambda: True)
     assert onnx_session_options(1).get_session_config_entry(key) == "1"
-    monkeypatch.setattr("edgepc.export.runtimes.x86_without_vnni", lambda: False)
+    monkeypatch.setattr("edgepc_device.runtimes.x86_without_vnni", lambda: False)
     with pytest.raises(RuntimeError, match="does not have configuration"):
         onnx_session_options(1).get_session_config_entry(key)  # unset: the fast kernels
 
@@ -281,25 +281,3 @@ def test_the_validation_table_says_plainly_when_int8_is_slower():
     assert "| 1.25× |" in table
     assert "slower" not in table
     assert "Every int8 artifact is faster than its fp32 sibling" in table
-
-
-def run_builder(*args):
-    script = PROJECT / "devices" / "jetson" / "build_engine.py"
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
-
-
-@pytest.mark.slow
-def test_jetson_builder_refuses_without_tensorrt_and_checks_the_bundle(tmp_path, setup):
-    manifest = bundle(tmp_path, setup, "jetson", "ptq")
-    folder = tmp_path / manifest.name
-    done = run_builder(folder)
-    assert done.returncode == 2
-    assert not (folder / "model.engine").exists()
-    assert "tensorrt is not importable" in done.stderr  # this machine has no TensorRT
-    assert run_builder(folder, "--max-batch", "0").returncode == 2
-    cpu = bundle(tmp_path, setup, "cpu", "fp32")
-    assert "is a 'cpu' bundle" in run_builder(tmp_path / cpu.name).stderr
-    model = folder / manifest.model
-    model.write_bytes(model.read_bytes() + b"\0")
-    assert "does not match its sha256" in run_builder(folder).stderr

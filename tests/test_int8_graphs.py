@@ -19,11 +19,11 @@ from edgepc.export.inspect import (
     litert_plan,
     onnxruntime_ops,
 )
-from edgepc.export.runtimes import onnx_session_options
 from edgepc.export.tensorrt import check_onnx
 from edgepc.export.writers import write_tflite
 from edgepc.models import MODELS, build_model
 from edgepc.quant import convert, prepare
+from edgepc_device.runtimes import onnx_session_options
 from tests.conftest import benchmark_script
 
 QUANTIZE = "quantized_decomposed.quantize_per_"

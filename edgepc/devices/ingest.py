@@ -37,8 +37,9 @@ def ingest(path: Path, tracker: Tracker, device: str | None = None) -> tuple[str
             f"{path}: the device ran a model with another sha256 than run {run_id} exported "
             f"for {report.bundle.name}; validate the registered bundle, not a rebuilt one"
         )
-    key = device_key(device or report.device.name)
-    described = f"{report.device.cpu}; {report.device.runtime} {report.device.runtime_version}"
+    facts = report.device
+    key = device_key(device or facts["name"])
+    described = f"{facts['cpu']}; {facts['runtime']} {facts['runtime_version']}"
     tracker.attach(
         run_id,
         report_metrics(report, key),

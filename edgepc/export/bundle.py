@@ -13,7 +13,6 @@ parses them).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,16 +28,15 @@ from torch import nn
 
 from edgepc import __version__
 from edgepc.export.tensorrt import check_onnx
-from edgepc.export.writers import INPUT, OUTPUTS, ExportError, write_onnx, write_tflite
+from edgepc.export.writers import ExportError, write_onnx, write_tflite
 from edgepc.files import atomic_path, write_text
+from edgepc_device import bundle as device
+from edgepc_device.bundle import INPUT, MANIFEST, OUTPUTS, SCHEMA_VERSION, TESTSET, sha256
 
-MANIFEST = "manifest.json"
 RUNTIMES = {"cpu": "onnxruntime", "mobile": "ai-edge-litert", "jetson": "tensorrt"}
-TESTSET = "testset.npz"
-SCHEMA_VERSION = 1
 
 
-class BundleError(ExportError):
+class BundleError(ExportError, device.BundleError):
     """A bundle is malformed, incomplete or does not match its manifest."""
 
 
@@ -139,14 +137,6 @@ class Manifest(_Strict):
         raise BundleError(f"manifest {self.name!r} lists no file {name!r}")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_entry(path: Path) -> FileEntry:
     return FileEntry(path=path.name, sha256=sha256(path), bytes=path.stat().st_size)
 
@@ -190,15 +180,10 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     for name in (manifest.model, manifest.testset):
         manifest.entry(name)
     if verify:
-        for entry in manifest.files:
-            file = folder / entry.path
-            if not file.is_file():
-                raise BundleError(f"bundle {folder} is missing {entry.path}")
-            if file.stat().st_size != entry.bytes or sha256(file) != entry.sha256:
-                raise BundleError(
-                    f"{file} does not match its sha256 in {MANIFEST}: the bundle was changed "
-                    "or copied incompletely; copy it again from the export stage"
-                )
+        try:
+            device.verify_files(folder, [entry.model_dump() for entry in manifest.files])
+        except device.BundleError as error:
+            raise BundleError(str(error)) from None
     return manifest
 
 

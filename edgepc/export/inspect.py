@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgepc.export.runtimes import onnx_session_options
-from edgepc.export.writers import missing, quiet_native_logs
+from edgepc.export.writers import missing
+from edgepc_device.runtimes import onnx_session_options, quiet_native_logs
 
 if TYPE_CHECKING:
     import onnx
@@ -36,7 +36,7 @@ def float_compute(ops: Counter[str]) -> Counter[str]:
 
 def _optimised_graph(path: Path, exact: bool | None = None) -> onnx.GraphProto:
     """The graph onnxruntime's CPU provider runs for ``path`` (all optimisations on, session
-    options of :func:`edgepc.export.runtimes.onnx_session_options`)."""
+    options of :func:`edgepc_device.runtimes.onnx_session_options`)."""
     try:
         import onnx
         import onnxruntime as ort

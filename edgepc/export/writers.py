@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import sys
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,12 +16,12 @@ from torch.export import Dim
 
 from edgepc.errors import EdgepcError
 from edgepc.files import atomic_path
+from edgepc_device.bundle import INPUT, OUTPUTS
+from edgepc_device.runtimes import quiet_native_logs
 
 if TYPE_CHECKING:
     import onnx
 
-INPUT = "images"
-OUTPUTS = ("logits", "embedding")
 
 
 class ExportError(EdgepcError):
@@ -35,25 +31,6 @@ class ExportError(EdgepcError):
 def missing(package: str, extra: str) -> ExportError:
     return ExportError(f"{package} is not installed: pip install -e '.[{extra}]'")
 
-
-@contextlib.contextmanager
-def quiet_native_logs() -> Iterator[None]:
-    """Hold back what native code (TensorFlow/LiteRT's C++ logging) writes to stderr; it is
-    shown only if the block fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace")[-4000:])
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _input_uses(model: onnx.ModelProto) -> dict[str, int]:
@@ -138,7 +115,7 @@ def store_int8_weights(model: onnx.ModelProto) -> int:
 def unshare_zero_points(model: onnx.ModelProto) -> int:
     """Give each DequantizeLinear its own zero-point initializer. The exporter lets weights of
     one width share a zero-point tensor, and onnxruntime's exact int8 mode (``session.
-    x64quantprecision``, :func:`edgepc.export.runtimes.x86_without_vnni`) rewrites each weight's
+    x64quantprecision``, :func:`edgepc_device.runtimes.x86_without_vnni`) rewrites each weight's
     zero point to uint8 under one name per weight: on a shared one session creation fails with
     "Attempt to replace the existing tensor". Returns how many copies were made."""
     inits = {i.name: i for i in model.graph.initializer}

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgepc.coherence import coherence_metrics
 from edgepc.errors import EdgepcError
 from edgepc.export.bundle import (
     TESTSET,
@@ -30,7 +29,7 @@ from edgepc.export.bundle import (
     write_testset,
 )
 from edgepc.export.parity import parity, parity_table, violations
-from edgepc.export.runtimes import normalise, open_runtime
+from edgepc.export.runtimes import open_runtime
 from edgepc.export.writers import ExportError
 from edgepc.files import write_text
 from edgepc.measure import interleaved_latency_by_threads
@@ -38,8 +37,9 @@ from edgepc.pipelines.config import LatencySection, PipelineConfig
 from edgepc.pipelines.plots import plot_validation
 from edgepc.pipelines.stages import StageContext, StageResult, build_student, prepare_data
 from edgepc.quant import convert, restore
+from edgepc_device.bundle import normalise
+from edgepc_device.validate import accuracy
 
-DEVICES = Path(__file__).resolve().parents[2] / "devices"
 SOURCES = {"fp32": "fp32", "int8": "qat", "int8-ptq": "ptq"}  # artifact -> PyTorch model
 
 
@@ -55,14 +55,13 @@ def _engine(target: str, folder: Path, input_shape: list[int], int8: bool) -> En
     """Jetson: the TensorRT build, here when tensorrt and a GPU exist, else on the device."""
     if target != "jetson":
         return None
-    script = DEVICES / "jetson" / "build_engine.py"
     commands = {
         "trtexec": trtexec_command(folder.name, input_shape, int8),
-        "python": f"python3 devices/jetson/build_engine.py {folder.name}",
+        "python": f"python3 -m edgepc_device build-engine {folder.name}",
     }
     if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
         return Engine(status="deferred to device", **commands)
-    command = [sys.executable, str(script), str(folder)]
+    command = [sys.executable, "-m", "edgepc_device", "build-engine", str(folder)]
     built = subprocess.run(command, capture_output=True, text=True)
     if built.returncode != 0:
         raise ExportError(f"TensorRT build failed for {folder.name}: {built.stderr.strip()}")
@@ -133,17 +132,10 @@ def validate_bundle(folder: Path, threads: int = 1, progress: bool = False) -> d
     """One bundle in its runtime: top-1 on its whole test set, pc_* of its embeddings vs the
     teacher's, size on disk."""
     manifest = read_manifest(folder)
-    with np.load(folder / manifest.testset) as test:
-        images, labels, teacher = test["images"], test["labels"], test["teacher_embeddings"]
-    norm = manifest.normalisation
-    x = normalise(images, norm.mean, norm.std)
     runtime = open_runtime(folder / manifest.model, threads)
-    logits, embeddings = runtime.predict(x, progress=progress, desc=manifest.name)
-    n = len(teacher)
-    pc = coherence_metrics(torch.from_numpy(embeddings[:n]).double(),
-                           torch.from_numpy(teacher).double())  # fmt: skip
-    row = {"test_top1": float((logits.argmax(1) == labels).mean())}
-    row |= {f"test_{k}": v for k, v in pc.as_dict().items()}
+    wrap = partial(tqdm, desc=manifest.name, disable=not progress, leave=False)
+    scores = accuracy(folder, manifest.model_dump(), runtime, wrap)
+    row = {f"test_{k}": v for k, v in scores.items() if k not in ("images", "pc_images")}
     row["size_mb"] = manifest.entry(manifest.model).bytes / 2**20
     return row
 

@@ -16,7 +16,7 @@ The targets differ in the types their runtime's int8 kernels take:
   weights (±63), the u8·s8 form of onnxruntime's x86 kernels. On x86 CPUs without VNNI those
   kernels add each pair of products in a saturating int16 (``vpmaddubsw``): 255 × 63 × 2 <
   32,767 keeps them exact, where ±127 weights drift. onnxruntime's exact mode (its slower
-  uint8 × uint8 kernels, :func:`edgepc.export.runtimes.x86_without_vnni`) widens only weights
+  uint8 × uint8 kernels, :func:`edgepc_device.runtimes.x86_without_vnni`) widens only weights
   outside ±64, so one file runs exactly and on the fast kernels on every x86 CPU, VNNI or not.
   The ONNX writer stores biases as int32;
 - ``mobile`` (LiteRT full-integer, the TFLite int8 spec): int8 activations, affine, ±127

@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """Validate an edgepc ``jetson`` bundle with TensorRT on the device: verify the bundle, build
 the engine from its QDQ ONNX when no current one exists (or take ``--engine`` built by trtexec),
 run the whole test set, pc_* against the teacher embeddings it ships, time batch 1 with CUDA
 events, record the power mode and clocks, and write a report.
 
-    python3 devices/jetson/validate.py BUNDLE [--engine FILE] [--warmup 20] [--iterations 300]
+    python3 -m edgepc_device jetson BUNDLE [--engine FILE] [--warmup 20] [--iterations 300]
 
-Needs Python 3.8+, numpy, TensorRT's Python package and cuda-python (``pip install
+Needs numpy, TensorRT's Python package and cuda-python (``pip install
 cuda-python``). Without TensorRT it says so and exits 2: it never reports a number it did not
 measure on a GPU.
 """
@@ -16,14 +15,16 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import build_engine
-import common
+from edgepc_device.build_engine import build
+from edgepc_device.bundle import BundleError, load_testset, read_bundle
+from edgepc_device.metrics import evaluate
+from edgepc_device.report import device_info, make_report, write_report
+from edgepc_device.timing import summarise
+from edgepc_device.validate import arguments, fail, report_path
 
 
 def engine_is_current(meta: dict | None, onnx_sha256: str, tensorrt: str, gpu: str) -> bool:
@@ -101,28 +102,28 @@ class Engine:
             check(cudart.cudaEventSynchronize(stop))
             if i >= warmup:
                 times.append(float(check(cudart.cudaEventElapsedTime(start, stop))))
-        return common.summarise(times, warmup)
+        return summarise(times, warmup)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.arguments("Validate an edgepc jetson bundle with TensorRT.", threads=False)
+    parser = arguments("Validate an edgepc jetson bundle with TensorRT.", threads=False)
     parser.add_argument("--engine", type=Path, help="an engine built by trtexec for this bundle")
     parser.add_argument("--batch", type=int, default=64, help="batch of the accuracy pass (64)")
     args = parser.parse_args(argv)
     if args.iterations < 2 or args.warmup < 0 or args.batch < 1:
-        return common.fail("need --iterations >= 2, --warmup >= 0 and --batch >= 1")
+        return fail("need --iterations >= 2, --warmup >= 0 and --batch >= 1")
     if args.engine is not None and not args.engine.is_file():
-        return common.fail(f"--engine {args.engine} does not exist")
+        return fail(f"--engine {args.engine} does not exist")
     try:
-        manifest = common.read_bundle(args.bundle, "jetson")
-    except common.BundleError as error:
-        return common.fail(str(error))
+        manifest = read_bundle(args.bundle, "jetson")
+    except BundleError as error:
+        return fail(str(error))
     command = (manifest.get("engine") or {}).get("trtexec", "")
     for module in ("tensorrt", "cuda"):
         try:
             __import__(module)
         except ImportError:
-            return common.fail(
+            return fail(
                 f"{module} is not importable here: run this on the Jetson (JetPack ships "
                 "TensorRT; pip install cuda-python); no numbers are reported without it. The "
                 f"engine build with trtexec: {command or 'see the manifest of a jetson bundle'}"
@@ -138,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if args.engine is None and not engine_is_current(meta, onnx_sha, trt.__version__, gpu):
         print(f"building {engine_path} (TensorRT {trt.__version__}, {gpu}) ...")
-        build_engine.build(args.bundle / manifest["model"], engine_path, manifest,
+        build(args.bundle / manifest["model"], engine_path, manifest,
                            max(args.batch, 1), 1024)  # fmt: skip
         meta_path.write_text(json.dumps({"onnx_sha256": onnx_sha, "tensorrt": trt.__version__,
                                          "gpu": gpu}))  # fmt: skip
-    x, labels, teacher = common.load_testset(args.bundle, manifest)
+    x, labels, teacher = load_testset(args.bundle, manifest)
     engine = Engine(engine_path, manifest, args.batch)
     parts = []
     for i in range(0, len(x), args.batch):
@@ -152,17 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         parts.append([out[: len(chunk)] for out in engine.run(padded)])
     logits = np.concatenate([p[0] for p in parts])
     embeddings = np.concatenate([p[1] for p in parts])
-    accuracy = common.evaluate(logits, embeddings, labels, teacher)
+    accuracy = evaluate(logits, embeddings, labels, teacher)
     timing = {"gpu": Engine(engine_path, manifest, 1).time(x[:1], args.warmup, args.iterations)}
-    device = common.device_info("tensorrt", trt.__version__, {"gpu": gpu, **power_state()})
-    report = common.make_report(args.bundle, manifest, device, accuracy, timing)
-    out = args.out or Path(f"report-{manifest['name']}-{device['name']}.json")
-    common.write_report(out, report)
+    device = device_info(f"tensorrt {trt.__version__}", {"gpu": gpu, **power_state()})
+    out = write_report(report_path(args.out, manifest, device),
+                       make_report(args.bundle, manifest, device, accuracy, timing))  # fmt: skip
     p50 = timing["gpu"]["p50_ms"]
     print(f"{manifest['name']}: top-1 {accuracy['top1']:.4f}, p50 {p50:.3f} ms on {gpu} -> {out}")
     print(f"equivalent build: {command}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,24 +1,22 @@
-#!/usr/bin/env python3
 """Build the TensorRT engine of an edgepc jetson bundle, on the Jetson (or any TensorRT GPU).
 
-    python3 build_engine.py BUNDLE [--max-batch 64] [--workspace-mib 1024] [--force]
+    python3 -m edgepc_device build-engine BUNDLE [--max-batch 64] [--workspace-mib 1024] [--force]
 
 Reads BUNDLE/manifest.json, checks the ONNX file's sha256, parses the explicitly quantized ONNX
 (Q/DQ pairs, so TensorRT takes its int8 scales from the graph) with the tensorrt Python API and
 writes BUNDLE/model.engine: int8 where the graph says so, fp16 elsewhere, a dynamic batch
 1..max-batch. It is the Python equivalent of the ``engine.trtexec`` line in the manifest.
-Needs Python 3.8+, numpy and TensorRT's Python package (JetPack ships it); no torch or edgepc.
+Needs numpy and TensorRT's Python package (JetPack ships it); no torch or edgepc.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import BundleError, fail, read_bundle
+from edgepc_device.bundle import BundleError, read_bundle
+from edgepc_device.validate import fail
 
 
 def build(onnx_path: Path, engine_path: Path, manifest: dict, max_batch: int, mib: int) -> None:
@@ -84,7 +82,3 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(error), 1)
     print(f"wrote {engine_path}\nequivalent: {command}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
