@@ -36,11 +36,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from int8_speed import STANDARD_STEMS, STUDENTS, TARGETS, network, network_shape
+from int8_speed import STANDARD_STEMS, STUDENTS, TIMED, network, network_shape
 from torch import nn
 from tqdm import tqdm
 
-from edgepc.export.bundle import WRITERS
 from edgepc.export.inspect import INTEGER_WEIGHT_INPUT
 from edgepc.export.runtimes import open_runtime
 from edgepc.files import write_text
@@ -48,6 +47,7 @@ from edgepc.hardware import cpu_name
 from edgepc.measure import interleaved_latency
 from edgepc.models import EmbeddingModel
 from edgepc.quant import convert, prepare
+from edgepc.targets import TARGETS
 from edgepc_device.runtimes import onnx_session_options, quiet_native_logs, x86_without_vnni
 
 if TYPE_CHECKING:
@@ -119,14 +119,14 @@ def profile(path: Path, image: np.ndarray, runs: int, warmup: int) -> dict[str, 
 
 def files(name: str, folder: Path) -> dict[str, Path]:
     model, images = network(name)
-    out = {"fp32": WRITERS["cpu"](model, images[:2], folder / "fp32", False)}
+    out = {"fp32": TARGETS["cpu"].write(model, images[:2], folder / "fp32", False)}
     for label, bits in FILES.items():
         if bits is None:
             continue
         quant = prepare(model, "cpu", images, qat=False, weight_bits=bits)
         quant.calibrate([images])
         (folder / label).mkdir(parents=True)
-        out[label] = WRITERS["cpu"](convert(quant), images[:2], folder / label, True)
+        out[label] = TARGETS["cpu"].write(convert(quant), images[:2], folder / label, True)
     return out
 
 
@@ -148,18 +148,18 @@ def layer_speed(names: list[str], folder: Path, warmup: int, iterations: int) ->
         runners = {}
         for depth in DEPTHS:
             model, images = stack(name, depth)
-            for target, runtime in TARGETS.items():
+            for target, runtime in TIMED.items():
                 quant = prepare(model, target, images)
                 quant.calibrate([images])
                 for label, source in (("fp32", model), ("int8", convert(quant))):
                     out = folder / name / str(depth) / target / label
                     out.mkdir(parents=True)
-                    path = WRITERS[target](source, images[:2], out, label == "int8")
+                    path = TARGETS[target].write(source, images[:2], out, label == "int8")
                     with quiet_native_logs():
                         run = partial(open_runtime(path, 1).run, images[:1].numpy())
                     runners[runtime, label, depth] = run
         timed = interleaved_latency(runners, warmup, iterations)
-        for runtime in TARGETS.values():
+        for runtime in TIMED.values():
             cost = {label: (timed[runtime, label, DEPTHS[1]].p50_ms
                             - timed[runtime, label, DEPTHS[0]].p50_ms) / (DEPTHS[1] - DEPTHS[0])
                     for label in ("fp32", "int8")}  # fmt: skip

@@ -41,7 +41,6 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from edgepc.export.bundle import WRITERS
 from edgepc.export.inspect import tflite_bytes
 from edgepc.export.runtimes import open_runtime
 from edgepc.files import write_text
@@ -50,6 +49,7 @@ from edgepc.measure import interleaved_latency_by_threads
 from edgepc.models import MODELS, EmbeddingModel, build_model
 from edgepc.quant import convert, prepare
 from edgepc.quant.recipes import recipe
+from edgepc.targets import TARGETS
 from edgepc_device.runtimes import quiet_native_logs, x86_without_vnni
 
 STANDARD_STEMS: dict[str, Callable[[], EmbeddingModel]] = {
@@ -62,7 +62,7 @@ STANDARD_STEMS: dict[str, Callable[[], EmbeddingModel]] = {
 }
 STUDENTS = [name for name, spec in MODELS.items() if spec.role == "student"]
 CALIBRATION = 16
-TARGETS = {"cpu": "onnxruntime", "mobile": "LiteRT"}
+TIMED = {"cpu": "onnxruntime", "mobile": "LiteRT"}
 # edgepc's int8 files: variant -> (QAT, weight bits; None: the target recipe's)
 VARIANTS = {"ptq": (False, None), "qat": (True, None), "ptq 8-bit": (False, 8)}
 CONTROLS = {8: "int8 ort quantize_static", 7: "int8 ort quantize_static reduce_range"}
@@ -114,9 +114,9 @@ def files(name: str, folder: Path) -> dict[tuple[str, str], tuple[Path, int | No
     """{(target, variant): (model file, its weights' bits; None for fp32)} for one network."""
     model, images = network(name)
     out: dict[tuple[str, str], tuple[Path, int | None]] = {}
-    for target in TARGETS:
+    for target in TIMED:
         sub = folder / target
-        out[target, "fp32"] = WRITERS[target](model, images[:2], sub / "fp32", False), None
+        out[target, "fp32"] = TARGETS[target].write(model, images[:2], sub / "fp32", False), None
         for variant, (qat, bits) in VARIANTS.items():
             own = recipe(target).weight_bits
             if bits == own:  # the recipe's own bits: the plain variant already
@@ -124,7 +124,7 @@ def files(name: str, folder: Path) -> dict[tuple[str, str], tuple[Path, int | No
             quant = prepare(model, target, images, qat=qat, weight_bits=bits)
             quant.calibrate([images])
             (sub / variant).mkdir(parents=True, exist_ok=True)
-            path = WRITERS[target](convert(quant), images[:2], sub / variant, True)
+            path = TARGETS[target].write(convert(quant), images[:2], sub / variant, True)
             out[target, f"int8 {variant}"] = path, bits or own
     fp32 = out["cpu", "fp32"][0]
     for bits, variant in CONTROLS.items():
@@ -150,7 +150,7 @@ def measure(
             rows[net, target, variant] = {
                 "net": net,
                 "input": "×".join(map(str, shape)),
-                "runtime": TARGETS[target],
+                "runtime": TIMED[target],
                 "variant": variant,
                 "weight_bits": bits,
                 "size_mb": path.stat().st_size / 2**20,

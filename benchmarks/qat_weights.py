@@ -21,6 +21,7 @@ from pathlib import Path
 from edgepc.files import write_text
 from edgepc.pipelines.config import load_config
 from edgepc.pipelines.runner import run_pipeline
+from edgepc.targets import TARGETS
 
 GRID = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (3.0, 3.0))
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,7 +35,7 @@ def weights(text: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="jetson", choices=["cpu", "mobile", "jetson"])
+    parser.add_argument("--target", default="jetson", choices=list(TARGETS))
     parser.add_argument("--profile", choices=["quick", "full"])
     parser.add_argument("--cache", type=Path, help="the pipeline cache (default: the project's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")

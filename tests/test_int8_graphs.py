@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgepc.export.bundle import WRITERS
 from edgepc.export.inspect import (
     float_compute,
     integer_weight_types,
@@ -23,6 +22,7 @@ from edgepc.export.tensorrt import check_onnx
 from edgepc.export.writers import write_tflite
 from edgepc.models import MODELS, build_model
 from edgepc.quant import convert, prepare
+from edgepc.targets import TARGETS as TARGETS
 from edgepc_device.runtimes import onnx_session_options
 from tests.conftest import benchmark_script
 
@@ -48,7 +48,7 @@ def int8_file(speed, name: str, target: str, folder, weight_bits: int = 8):
     quant = prepare(model, target, images, qat=False, weight_bits=weight_bits)
     quant.calibrate([images])
     graph = convert(quant)
-    return model, graph, WRITERS[target](graph, images[:2], folder, True)
+    return model, graph, TARGETS[target].write(graph, images[:2], folder, True)
 
 
 def convs(model: torch.nn.Module) -> int:
@@ -80,7 +80,7 @@ def test_a_wider_student_has_the_same_layers(wider, name):
 
 def test_onnxruntime_ops_shows_float_convs_of_an_fp32_graph(tmp_path, speed):
     model, images = speed.network("tiny_cnn")
-    ops = onnxruntime_ops(WRITERS["cpu"](model, images[:2], tmp_path, False))
+    ops = onnxruntime_ops(TARGETS["cpu"].write(model, images[:2], tmp_path, False))
     expected = {"com.microsoft.nchwc.Conv": 3, "com.microsoft.FusedGemm": 1, "Gemm": 1}
     assert float_compute(ops) == expected, ops  # 3 convs, the linear + ReLU, the classifier
 

@@ -4,11 +4,8 @@
     <bundle>/testset.npz                  uint8 test images, labels, the teacher's embeddings
     <bundle>/manifest.json                what the files are, how to feed them, their sha256
 
-One writer per target, all with the signature ``(model, example, folder, int8) -> Path``:
-``cpu`` writes ONNX for onnxruntime (int8 weights stored as int8), ``mobile`` a .tflite for
-LiteRT (int8: full-integer), ``jetson`` ONNX that TensorRT builds (int8: checked by
-:func:`edgepc.export.tensorrt.check_onnx`, float weights behind Q/DQ pairs as TensorRT 8.x
-parses them).
+The model file is written by the target's writer (:data:`edgepc.targets.TARGETS`); the device
+reads the bundle with :mod:`edgepc_device.bundle`.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -27,43 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from edgepc import __version__
-from edgepc.export.tensorrt import check_onnx
-from edgepc.export.writers import ExportError, write_onnx, write_tflite
+from edgepc.export.writers import ExportError
 from edgepc.files import atomic_path, write_text
+from edgepc.targets import TARGETS, get_target
 from edgepc_device import bundle as device
 from edgepc_device.bundle import INPUT, MANIFEST, OUTPUTS, SCHEMA_VERSION, TESTSET, sha256
-
-RUNTIMES = {"cpu": "onnxruntime", "mobile": "ai-edge-litert", "jetson": "tensorrt"}
 
 
 class BundleError(ExportError, device.BundleError):
     """A bundle is malformed, incomplete or does not match its manifest."""
-
-
-def write_cpu(model: nn.Module, example: torch.Tensor, folder: Path, int8: bool) -> Path:
-    return write_onnx(model, example, folder / "model.onnx", int8_weights=int8)
-
-
-def write_mobile(model: nn.Module, example: torch.Tensor, folder: Path, int8: bool) -> Path:
-    return write_tflite(model, example, folder / "model.tflite", int8)
-
-
-def write_jetson(model: nn.Module, example: torch.Tensor, folder: Path, int8: bool) -> Path:
-    path = write_onnx(model, example, folder / "model.onnx")
-    if int8:
-        try:
-            check_onnx(path)
-        except ExportError:
-            path.unlink()
-            raise
-    return path
-
-
-WRITERS: dict[str, Callable[[nn.Module, torch.Tensor, Path, bool], Path]] = {
-    "cpu": write_cpu,
-    "mobile": write_mobile,
-    "jetson": write_jetson,
-}
 
 
 class _Strict(BaseModel):
@@ -115,7 +83,7 @@ class Engine(_Strict):
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9_-]+$")  # e.g. cpu-int8, also the registry alias
-    target: Literal["cpu", "mobile", "jetson"]
+    target: str  # a key of edgepc.targets.TARGETS
     precision: Literal["fp32", "int8"]
     source: Literal["fp32", "qat", "ptq"]  # which PyTorch model it was exported from
     runtime: str  # the package that runs it
@@ -129,6 +97,13 @@ class Manifest(_Strict):
     edgepc_version: str
     mlflow_run_id: str | None = None
     engine: Engine | None = None
+
+    @field_validator("target")
+    @classmethod
+    def _known(cls, target: str) -> str:
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}: edgepc has {', '.join(TARGETS)}")
+        return target
 
     def entry(self, name: str) -> FileEntry:
         for entry in self.files:
@@ -269,7 +244,8 @@ def write_bundle(
     """Write ``model`` (``source``: fp32, or the qat / ptq int8 graph) for ``target`` into
     ``folder`` with the test set and, last, the manifest. ``example``: a normalised batch."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = WRITERS[target](model, example, folder, source != "fp32")
+    spec = get_target(target)
+    path = spec.write(model, example, folder, source != "fp32")
     _link(testset, folder / TESTSET)
     input_spec, output_specs = io_specs(path)
     manifest = Manifest(
@@ -277,7 +253,7 @@ def write_bundle(
         target=target,
         precision="fp32" if source == "fp32" else "int8",
         source=source,
-        runtime=RUNTIMES[target],
+        runtime=spec.runtime,
         model=path.name,
         input=input_spec,
         outputs=output_specs,

@@ -23,14 +23,12 @@ if TYPE_CHECKING:
     import onnx
 
 
-
 class ExportError(EdgepcError):
     """A model cannot be written for a runtime, or the runtime's package is missing."""
 
 
 def missing(package: str, extra: str) -> ExportError:
     return ExportError(f"{package} is not installed: pip install -e '.[{extra}]'")
-
 
 
 def _input_uses(model: onnx.ModelProto) -> dict[str, int]:

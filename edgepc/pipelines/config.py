@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgepc.distill.losses import loss_class
 from edgepc.errors import EdgepcError
-from edgepc.quant.recipes import RECIPES
+from edgepc.targets import TARGETS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped with the package
 
@@ -134,9 +135,7 @@ class ExportSection(Section):
     fp32_parity: ParityBounds = ParityBounds(
         top1_agreement=0.999, max_logit_delta=1e-3, pc_triplet_agreement=0.99
     )
-    int8_parity: ParityBounds = ParityBounds(
-        top1_agreement=0.95, max_logit_delta=0.15, pc_triplet_agreement=0.9
-    )
+    int8_parity: ParityBounds | None = None  # null: the target's (edgepc.targets)
     pc_eval_limit: int = Field(5000, ge=3)  # teacher embeddings in the bundle: pc_* on these
 
 
@@ -177,7 +176,7 @@ class TrackingSection(Section):
 
 class PipelineConfig(Section):
     name: str
-    target: Literal["cpu", "mobile", "jetson"]
+    target: str  # a key of edgepc.targets.TARGETS
     seed: int = 0
     device: str = "auto"
     data: DataSection = DataSection()
@@ -189,16 +188,28 @@ class PipelineConfig(Section):
     registry: RegisterSection = RegisterSection()
     tracking: TrackingSection = TrackingSection()
 
+    @field_validator("target")
+    @classmethod
+    def _known(cls, target: str) -> str:
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}: edgepc has {', '.join(TARGETS)}")
+        return target
+
     @model_validator(mode="before")
     @classmethod
-    def _recipe_weight_bits(cls, data: Any) -> Any:
-        """Null weight bits become the target recipe's, so that stage keys hold the bits."""
+    def _target_defaults(cls, data: Any) -> Any:
+        """Null weight bits and int8 parity bounds become the target's (edgepc.targets), so
+        that stage keys hold them."""
         target = data.get("target") if isinstance(data, dict) else None
-        if not isinstance(target, str) or target not in RECIPES:
+        if not isinstance(target, str) or target not in TARGETS:
             return data  # the field validators say what is wrong
-        qat = data.get("qat", {})
-        if isinstance(qat, dict) and qat.get("weight_bits") is None:
-            data = {**data, "qat": {**qat, "weight_bits": RECIPES[target].weight_bits}}
+        spec = TARGETS[target]
+        defaults = (("qat", "weight_bits", spec.recipe.weight_bits),
+                    ("export", "int8_parity", asdict(spec.int8_parity)))  # fmt: skip
+        for section, key, value in defaults:
+            part = data.get(section, {})
+            if isinstance(part, dict) and part.get(key) is None:
+                data = {**data, section: {**part, key: value}}
         return data
 
 

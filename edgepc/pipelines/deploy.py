@@ -37,6 +37,7 @@ from edgepc.pipelines.config import LatencySection, PipelineConfig
 from edgepc.pipelines.plots import plot_validation
 from edgepc.pipelines.stages import StageContext, StageResult, build_student, prepare_data
 from edgepc.quant import convert, restore
+from edgepc.targets import get_target
 from edgepc_device.bundle import normalise
 from edgepc_device.validate import accuracy
 
@@ -52,8 +53,9 @@ def _bundle_names(config: PipelineConfig) -> list[str]:
 
 
 def _engine(target: str, folder: Path, input_shape: list[int], int8: bool) -> Engine | None:
-    """Jetson: the TensorRT build, here when tensorrt and a GPU exist, else on the device."""
-    if target != "jetson":
+    """A TensorRT target's engine build: here when tensorrt and a GPU exist, else on the
+    device."""
+    if not get_target(target).tensorrt_engine:
         return None
     commands = {
         "trtexec": trtexec_command(folder.name, input_shape, int8),
@@ -187,11 +189,8 @@ def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) ->
         rows[name] |= timing
     speed_ratios(rows, target, threads)
     table = validation_table(rows, fp32_top1, threads, section.max_drop)
-    if target == "jetson":
-        table += (
-            "\nLatency here is onnxruntime on this machine's CPU, a stand-in: the TensorRT "
-            "engine is built and timed on the device (`engine` in each manifest.json).\n"
-        )
+    spec = get_target(target)
+    table += f"\nLatency: {spec.latency}; on the device: `{spec.device_command} BUNDLE`.\n"
     write_text(
         ctx.workdir / "validation.md",
         f"# {target}: every artifact in its runtime (full test split)\n\n{table}",

@@ -29,8 +29,8 @@ from edgepc.pipelines.runner import (
     follow_pipeline,
     run_pipeline,
 )
+from edgepc.targets import TARGETS
 
-TARGETS = ("cpu", "mobile", "jetson")
 KEY_METRICS = (
     "train_size",
     "test_top1",
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
     args = parser.parse_intermixed_args(argv)
-    targets = TARGETS if args.target == "all" else (args.target,)
+    targets = list(TARGETS) if args.target == "all" else [args.target]
     try:
         reports = []
         for target in targets:

@@ -5,11 +5,10 @@
 """
 
 from edgepc.quant.model import MAX_BATCH, QuantModel, convert, prepare, quantized, restore
-from edgepc.quant.recipes import RECIPES, SUPPORTED, Recipe, check_supported, quantizer
+from edgepc.quant.recipes import SUPPORTED, Recipe, check_supported, quantizer
 
 __all__ = [
     "MAX_BATCH",
-    "RECIPES",
     "SUPPORTED",
     "QuantModel",
     "Recipe",

@@ -153,14 +153,11 @@ def convert(model: QuantModel) -> torch.fx.GraphModule:
         warnings.simplefilter("ignore")
         move_exported_model_to_eval(graph)
         graph = convert_pt2e(graph, fold_quantize=False)
-    if model.target in INT32_BIAS_TARGETS:
+    if recipes.recipe(
+        model.target
+    ).int32_bias:  # onnxruntime's QLinearConv/QGemm, TFLite's int8 spec
         round_biases(graph)
     return graph
-
-
-# Runtimes whose int8 kernels add the bias as int32 in units of input scale × weight scale
-# (onnxruntime's QLinearConv/QGemm, the TFLite int8 spec).
-INT32_BIAS_TARGETS = ("cpu", "mobile")
 
 
 def round_biases(graph: torch.fx.GraphModule) -> int:

@@ -48,20 +48,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Recipe:
-    target: str
     activation_dtype: torch.dtype
     symmetric_activations: bool
     weight_bits: int
-    runtime: str
+    int32_bias: bool  # the runtime adds biases as int32 in units of input × weight scale
+    description: str
 
 
-RECIPES = {
-    "jetson": Recipe(
-        "jetson", torch.int8, True, 8, "TensorRT explicit quantization (Q/DQ, zero-point 0)"
-    ),
-    "cpu": Recipe("cpu", torch.uint8, False, 7, "onnxruntime QDQ, u8 activations, 7-bit weights"),
-    "mobile": Recipe("mobile", torch.int8, False, 8, "LiteRT full-integer int8"),
-}
+ONNXRUNTIME_QDQ = Recipe(torch.uint8, False, 7, True,
+                         "onnxruntime QDQ, u8 activations, 7-bit weights")  # fmt: skip
+LITERT_INT8 = Recipe(torch.int8, False, 8, True, "LiteRT full-integer int8")
+TENSORRT_QDQ = Recipe(torch.int8, True, 8, False,
+                      "TensorRT explicit quantization (Q/DQ, zero-point 0)")  # fmt: skip
 
 # Layers every target's int8 kernels cover (conv / linear with folded batch norm, ReLU-family
 # activations, pooling); anything else is refused up front rather than left in float.
@@ -82,10 +80,13 @@ SUPPORTED = (
 
 
 def recipe(target: str) -> Recipe:
-    if target not in RECIPES:
-        known = ", ".join(RECIPES)
+    """The int8 recipe of a target of :data:`edgepc.targets.TARGETS`."""
+    from edgepc.targets import TARGETS  # the table holds each target's recipe
+
+    if target not in TARGETS:
+        known = ", ".join(TARGETS)
         raise QuantError(f"no int8 recipe for target {target!r}: choose one of {known}")
-    return RECIPES[target]
+    return TARGETS[target].recipe
 
 
 def check_supported(model: nn.Module, target: str) -> None:
