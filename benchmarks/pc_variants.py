@@ -22,19 +22,6 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from compare_losses import (
-    ROOT,
-    Executor,
-    Record,
-    Recorded,
-    Run,
-    Stat,
-    Study,
-    load_study,
-    reads,
-    trials,
-    verdict,
-)
 from tqdm import tqdm
 
 from edgepc.errors import EdgepcError
@@ -42,8 +29,12 @@ from edgepc.files import write_text
 from edgepc.hardware import cpu_name
 from edgepc.pipelines.config import CONFIGS
 from edgepc.pipelines.runner import default_cache
+from edgepc.study.execute import Executor, Recorded
+from edgepc.study.protocol import Record, Run, Stat, Study, load_study, trials
+from edgepc.study.report import reads, verdict
 from edgepc.tracking import Tracker, git_commit
 
+ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "pc_variants.md"
 # python benchmarks/loss_cost.py --sizes 256 --losses pc pc_q1024 rkd_angle rkd_distance crd
 #   --name loss_cost_variants --out docs/results

@@ -31,6 +31,7 @@ from edgepc_device.bundle import normalise
 CPU = torch.device("cpu")
 # The cpu pipeline at the smallest size where every stage does real work (300 real training
 # images; 1,200 validation and 1,000 test images evaluated in each stage).
+PROJECT = Path(__file__).resolve().parents[1]  # the checkout the tests run in
 SMALL = [
     "data.train_limit=300",
     "data.val_fraction=0.02",
@@ -191,7 +192,7 @@ def bundle(tmp_path, setup, target, source):
 
 def benchmark_script(name: str):
     """benchmarks/<name>.py as a module (registered, so that its dataclasses resolve)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = PROJECT / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -86,7 +86,7 @@ CASES = [
     ("unknown loss", "run", ["cpu", "distill.train.baselines={{pkd: {{}}}}"], {}, "unknown loss 'pkd'"),
     ("unknown loss option", "run", ["cpu", "distill.train.baselines={{kd: {{tmp: 2}}}}"], {}, "kd"),
     ("list for a mapping", "run", ["cpu", "distill.train.baselines=[kd]"], {}, "baselines"),
-    ("missing config file", "run", ["cpu", "--config", "{tmp}/nope.yaml"], {}, "no pipeline config"),
+    ("missing config file", "run", ["cpu", "--config", "{tmp}/nope.yaml"], {}, "no config"),
     ("config is a list", "run", ["cpu", "--config", "{list_yaml}"], {}, "must hold a mapping"),
     ("truncated config", "run", ["cpu", "--config", "{truncated_yaml}"], {}, "not valid YAML"),
     ("image folder missing", "run", ["cpu", *FAST, "data.dataset=imagefolder", "data.root={tmp}/none"], {}, "none"),

@@ -68,7 +68,7 @@ def test_config_errors_name_the_key(overrides, message):
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"no pipeline config.*known targets: cpu, jetson"):
+    with pytest.raises(ConfigError, match=r"no config.*edgepc ships cpu, jetson"):
         load_config("nope")
     (tmp_path / "bad.yaml").write_text("name: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -1,5 +1,5 @@
-"""The comparison study (benchmarks/compare_losses.py): its protocol, its bookkeeping, and a
-smoke run end to end on real Fashion-MNIST that a rerun reads back from MLflow."""
+"""The comparison study (edgepc.study, run as benchmarks/compare_losses.py): its protocol, its
+bookkeeping, and a smoke run end to end on real Fashion-MNIST that a rerun reads back."""
 
 import json
 import re
@@ -10,14 +10,22 @@ import yaml
 
 from edgepc.hardware import pick_device
 from edgepc.pipelines.config import CONFIGS, ConfigError, load_config
-from tests.conftest import benchmark_script
-
-study_module = benchmark_script("compare_losses")
-Run, Record, Stat = study_module.Run, study_module.Record, study_module.Stat
+from edgepc.study import cli, execute, report
+from edgepc.study.protocol import (
+    Record,
+    Run,
+    Stat,
+    choose,
+    deploy_plan,
+    load_study,
+    summarise,
+    trials,
+)
+from tests.conftest import PROJECT, benchmark_script
 
 
 def study(profile=None, path=CONFIGS / "study.yaml"):
-    return study_module.load_study(path, profile)
+    return load_study(path, profile)
 
 
 @pytest.mark.parametrize("path", ["study.yaml", "study-cifar100.yaml"])
@@ -26,7 +34,7 @@ def test_every_run_of_the_shipped_studies_is_a_valid_pipeline_config(path):
     for pair in s.pairs:
         for setting in s.settings:
             for method in s.methods:
-                for run in study_module.trials(s, pair, setting, method, s.seeds[0]):
+                for run in trials(s, pair, setting, method, s.seeds[0]):
                     config = load_config(s.pipeline, overrides=run.overrides(s))
                     assert config.distill.seed == s.seeds[0]
                     deployed = Run(**{**run.__dict__, "deploy": True})
@@ -60,7 +68,7 @@ def test_every_method_gets_the_same_budget_except_scratch_on_a_weight_grid():
     for setting, spec in s.settings.items():
         ((_, values),) = spec.grid.items()
         for method in s.methods:
-            n = len(study_module.trials(s, "fmnist-tiny", setting, method, 0))
+            n = len(trials(s, "fmnist-tiny", setting, method, 0))
             unweighted = method == "scratch" and setting == "class_aware"
             assert n == (1 if unweighted else len(values)), (setting, method)
 
@@ -97,14 +105,14 @@ def _record(method, seed, phase="final", value=1.0, **metrics):
 
 def test_selection_statistics_and_verdicts():
     tuned = [_record("kd", 0, "tune", v, val_top1=a) for v, a in ((0.3, 0.5), (1, 0.7), (3, 0.7))]
-    assert study_module.choose(tuned, "top1").run.value == 1  # the first of the tied best
+    assert choose(tuned, "top1").run.value == 1  # the first of the tied best
     stat = Stat.of([0.80, 0.82, 0.84])
     assert (stat.mean, stat.std, stat.n) == (pytest.approx(0.82), pytest.approx(0.02), 3)
     assert str(stat) == "0.8200 ± 0.0200"
     assert str(Stat.of([0.5])) == "0.5000"
-    rows = study_module.summarise([_record("pc", s, test_top1=a) for s, a in enumerate((0.8, 0.9))])
+    rows = summarise([_record("pc", s, test_top1=a) for s, a in enumerate((0.8, 0.9))])
     assert rows["pc"]["test_top1"].mean == pytest.approx(0.85)
-    verdict = study_module.verdict
+    verdict = report.verdict
     assert verdict(Stat(0.90, 0.01, 3), Stat(0.80, 0.01, 3)).startswith("wins (Δ +10.00 points")
     assert verdict(Stat(0.80, 0.01, 3), Stat(0.90, 0.01, 3)).startswith("loses")
     assert verdict(Stat(0.81, 0.02, 3), Stat(0.80, 0.02, 3)).startswith("tie")
@@ -124,7 +132,7 @@ def test_int8_table_says_whether_pc_keeps_its_standing_through_quantization():
 
     records = [deployed("pc", s, 0.83 + s / 1000, 0.1 * s) for s in range(3)]
     records += [deployed("dist", s, 0.85 + s / 1000, 1 + 0.1 * s) for s in range(3)]
-    lines = study_module.deploy_table(records).splitlines()
+    lines = report.deploy_table(records).splitlines()
     assert lines[2].startswith("| pc | 0.8320 ± 0.0020 | 0.8310 ± 0.0010 | 0.10 ± 0.10 |")
     assert lines[-3].startswith("- int8 top-1: PC (0.8310 ± 0.0010) against dist (0.8510 ± ")
     assert lines[-3].endswith("loses (Δ -2.00 points, 2·SE 0.16).")
@@ -142,7 +150,7 @@ def test_int8_rows_are_pc_and_the_baseline_with_the_best_validation_top1():
     final = [Record(Run(**{**r.run.__dict__, "pair": s.deploy.pair}), r.phase, r.metrics)
              for r in final]  # fmt: skip
     asked = []
-    rows = list(study_module.deploy_plan(s, final, lambda run: asked.append(run) or {}))
+    rows = list(deploy_plan(s, final, lambda run: asked.append(run) or {}))
     assert [(r.run.method, r.run.seed) for r in rows] == [
         ("pc", 0),
         ("pc", 1),
@@ -161,8 +169,8 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
     args = ["--profile", "smoke", "--out", str(out), "--cache", str(tmp_path / "cache"),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
     with monkeypatch.context() as patch:  # every run trains in the two worker processes
-        patch.setattr(study_module, "run_pipeline", lambda *a, **k: pytest.fail("not a worker"))
-        assert study_module.main([*args, "--jobs", "2"]) == 0
+        patch.setattr(execute, "run_pipeline", lambda *a, **k: pytest.fail("not a worker"))
+        assert cli.main([*args, "--jobs", "2"]) == 0
     first = json.loads(out.with_suffix(".json").read_text())
     # class-unaware: kd, rkd_angle, pc × 1 lr; class-aware: the three × 2 weights; one seed.
     assert (first["trained"], first["reused"]) == (9, 0)
@@ -206,32 +214,32 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
 
     # A new machine: an empty MLflow store; the committed records are enough, nothing trains.
     empty = [*args[:-1], f"sqlite:///{tmp_path / 'empty.db'}"]
-    assert study_module.main(empty) == 0
+    assert cli.main(empty) == 0
     second = json.loads(out.with_suffix(".json").read_text())
     assert (second["trained"], second["reused"]) == (0, 9)
     assert second["devices"] == first["devices"]  # read back from the runs' tags
     assert second["records"] == first["records"]
 
-    assert study_module.main([*args, "--methods", "pc", "--report-only"]) == 0  # one shard
+    assert cli.main([*args, "--methods", "pc", "--report-only"]) == 0  # one shard
     only = json.loads(out.with_suffix(".json").read_text())
     assert (only["trained"], only["reused"]) == (0, 3)
     assert {r["run"]["method"] for r in only["kept"]} == {"kd", "rkd_angle"}  # not lost
     shard = [*args, "--methods", "pc", "--report-only", "--records", "none"]
-    assert study_module.main(shard) == 0  # from MLflow alone
+    assert cli.main(shard) == 0  # from MLflow alone
     assert json.loads(out.with_suffix(".json").read_text())["reused"] == 3
     assert {r["run"]["method"] for r in only["records"]} == {"pc"}
     capsys.readouterr()
-    assert study_module.main([*args, "--methods", "pkd"]) == 2
+    assert cli.main([*args, "--methods", "pkd"]) == 2
     known = "['kd', 'rkd_angle', 'pc']"
     assert capsys.readouterr().err == f"error: unknown methods ['pkd']; the study has {known}\n"
-    assert study_module.main([*args, "--jobs", "0"]) == 2
+    assert cli.main([*args, "--jobs", "0"]) == 2
     assert capsys.readouterr().err == "error: --jobs 0: give 1 or more processes\n"
 
     changed = yaml.safe_load((CONFIGS / "study.yaml").read_text())
     changed["profiles"]["smoke"]["settings"]["class_aware"]["grid"]["weight"] = [0.3, 2.0]
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(changed))
-    assert study_module.main([*args, "--config", str(path), "--report-only"]) == 0
+    assert cli.main([*args, "--config", str(path), "--report-only"]) == 0
     gaps = json.loads(out.with_suffix(".json").read_text())
     assert gaps["trained"] == 0
     assert {(r["run"]["setting"], r["phase"]) for r in gaps["records"]} == {
@@ -250,23 +258,23 @@ def test_smoke_study_end_to_end_then_read_back_then_only_the_change(tmp_path, ca
         record["metrics"]["teacher.test_top1"] += 0.01
     out.with_suffix(".json").write_text(json.dumps(records))
     capsys.readouterr()
-    assert study_module.main([*args, "--config", str(path)]) == 2
+    assert cli.main([*args, "--config", str(path)]) == 2
     assert "the records were made with one that scored" in capsys.readouterr().err
     out.with_suffix(".json").unlink()
-    assert study_module.main([*args, "--config", str(path)]) == 0
+    assert cli.main([*args, "--config", str(path)]) == 0
     third = json.loads(out.with_suffix(".json").read_text())
     # the three at weight 2 (the first trained in the refused invocation, now in MLflow)
     assert (third["trained"], third["reused"]) == (2, 7)
 
 
 def test_loss_cost_table_has_every_transfer_loss_on_every_measured_device():
-    table = study_module.loss_cost_table(study().methods)
+    table = report.loss_cost_table(study().methods)
     header, _, *rows = table.split("\n\n")[0].splitlines()
     devices = header.count("ms / peak extra MiB")
     assert devices == 2  # benchmarks/results holds a CPU and a CUDA run
     cells = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ")[1:] for row in rows}
     assert set(cells) == {*study().methods, "pc_reference"} - {"scratch"}
-    results = study_module.ROOT / "benchmarks" / "results"
+    results = PROJECT / "benchmarks" / "results"
     measured = [
         {p["loss"] for p in json.loads((results / name).read_text())["points"]}
         for name in ("loss_cost.json", "loss_cost_cuda.json")
@@ -283,7 +291,7 @@ def test_the_screen_profile_gives_pc_variants_and_baselines_matched_trials():
     assert count["pc"] >= 2
     assert count["rkd_angle"] == count["rkd_distance"] == count["crd"] == count["pc"]  # matched
     for method in s.methods:
-        (run,) = study_module.trials(s, "fmnist-tiny", "class_unaware", method, 0)
+        (run,) = trials(s, "fmnist-tiny", "class_unaware", method, 0)
         config = load_config(s.pipeline, overrides=run.overrides(s))
         assert config.teacher.checkpoint.endswith("fashion-mnist-mobilenetv2_1.0.pt")
         assert config.distill.train.alpha == 0

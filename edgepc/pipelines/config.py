@@ -11,7 +11,7 @@ import difflib
 import inspect
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -250,12 +250,12 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(error: ValidationError) -> str:
+def _explain(error: ValidationError, model: type[BaseModel]) -> str:
     first = error.errors()[0]
     loc = tuple(str(part) for part in first["loc"])
     where = ".".join(loc)
     if first["type"] == "extra_forbidden":
-        valid = _field_names(PipelineConfig, loc[:-1])
+        valid = _field_names(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1)
         hint = f"did you mean {'.'.join((*loc[:-1], close[0]))!r}?" if close else ""
         return f"unknown key {where!r}; {hint or 'valid keys: ' + ', '.join(valid)}"
@@ -269,12 +269,23 @@ def load_config(
     overrides: list[str] = (),
 ) -> PipelineConfig:
     """``edgepc/configs/<target>.yaml`` (or ``path``), then the profile, then the overrides."""
-    path = path or CONFIGS / f"{target}.yaml"
+    return load_yaml(PipelineConfig, path or CONFIGS / f"{target}.yaml", profile, overrides)
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def load_yaml(
+    model: type[Model], path: Path, profile: str | None = None, overrides: list[str] = ()
+) -> Model:
+    """The one config loader: a YAML file, then its named profile (``profiles: {name: {dotted
+    key: value}}``), then ``key=value`` overrides, validated by ``model``; every error is one
+    :class:`ConfigError` line."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
-        raise ConfigError(f"no pipeline config {path}; known targets: {known}") from None
+        raise ConfigError(f"no config {path}; edgepc ships {known}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {_one_line(error)}") from None
     if not isinstance(raw, dict):
@@ -290,6 +301,6 @@ def load_config(
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     try:
-        return PipelineConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(f"{path.name}: {_explain(error)}") from None
+        raise ConfigError(f"{path.name}: {_explain(error, model)}") from None
