@@ -4,9 +4,10 @@ against the same student trained from scratch on labels.
 
     python benchmarks/full_profile.py [--work DIR] [--out benchmarks/results] [key=value ...]
 
-It runs the pipeline's own stage functions with ``edgepc/configs/cpu.yaml --profile full`` (plus the
-overrides), but without the MLflow runner, so that it also runs on a bare GPU machine; each
-stage's result is written to ``full_profile.json`` / ``.md`` as soon as it is known.
+It runs the pipeline up to distill with ``edgepc/configs/cpu.yaml --profile full`` (plus the
+overrides) in a cache of its own and without MLflow (the runner's no-op tracker, which also
+collects the per-epoch metrics), so that it runs on a bare GPU machine; each student's result
+is written to ``full_profile.json`` / ``.md`` as soon as it is known.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +23,8 @@ import torch
 from edgepc.files import write_text
 from edgepc.hardware import describe, pick_device
 from edgepc.pipelines.config import load_config
-from edgepc.pipelines.stages import StageContext, data_stage, distill_stage, teacher_stage
+from edgepc.pipelines.runner import run_pipeline
+from edgepc.tracking import NoTracking
 
 VARIANTS = {
     "pc, α = 0 (no labels)": ["distill.train.alpha=0.0", "distill.train.beta=1.0"],
@@ -62,11 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     base = load_config("cpu", profile="full", overrides=args.overrides)
-    device = pick_device(base.device)
     report: dict = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
-        "device": describe(device),
+        "device": describe(pick_device(base.device)),
         "torch": torch.__version__,
         "config": base.model_dump(mode="json"),
         "teacher_model": base.teacher.model,
@@ -78,33 +78,24 @@ def main(argv: list[str] | None = None) -> int:
         write_text(args.out / "full_profile.json", json.dumps(report, indent=2) + "\n")
         write_text(args.out / "full_profile.md", markdown(report))
 
-    def context(name: str) -> StageContext:
-        workdir = args.work / name
-        workdir.mkdir(parents=True, exist_ok=True)
+    class EpochLog(NoTracking):
+        """Nothing tracked; each epoch's metrics kept in the report and printed."""
 
-        def log(metrics: dict[str, float], step: int | None) -> None:
-            report["epochs"].append({"stage": name, "epoch": step, **metrics})
-            print(json.dumps(report["epochs"][-1]), flush=True)
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if step is not None:
+                report["epochs"].append({"epoch": step, **metrics})
+                print(json.dumps(report["epochs"][-1]), flush=True)
 
-        return StageContext(workdir, device, log, progress=False)
-
-    started = time.perf_counter()
-    data = data_stage(base, {}, context("data"))
-    upstream = {"data": (args.work / "data", data)}
-    started = time.perf_counter()
-    teacher = teacher_stage(base, upstream, context("teacher"))
-    report["teacher"] = {"metrics": teacher.metrics, "seconds": time.perf_counter() - started}
-    save()
-    upstream["teacher"] = (args.work / "teacher", teacher)
     report["students"] = {}
-    for i, (name, overrides) in enumerate(VARIANTS.items()):
+    for name, overrides in VARIANTS.items():
         config = load_config("cpu", profile="full", overrides=[*args.overrides, *overrides])
-        started = time.perf_counter()
-        result = distill_stage(config, upstream, context(f"student{i}"))
-        report["students"][name] = {
-            "metrics": result.metrics,
-            "seconds": time.perf_counter() - started,
-        }
+        run = run_pipeline(config, args.work, EpochLog(), progress=False, until="distill")
+        stages = {s.stage: s for s in run.stages}
+        if "teacher" not in report:  # trained by the first student's run, cached after
+            report["teacher"] = {"metrics": stages["teacher"].metrics,
+                                 "seconds": stages["teacher"].seconds}  # fmt: skip
+        report["students"][name] = {"metrics": stages["distill"].metrics,
+                                    "seconds": stages["distill"].seconds}  # fmt: skip
         save()
     print(markdown(report))
     return 0

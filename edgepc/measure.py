@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import functools
 import multiprocessing
 import multiprocessing.connection
@@ -20,6 +19,7 @@ from typing import TypeVar
 
 import torch
 
+from edgepc_device.report import Timing as Latency  # one schema: a report's timings
 from edgepc_device.timing import summarise
 
 K = TypeVar("K")
@@ -155,27 +155,6 @@ def median_seconds(
     return statistics.median(times)
 
 
-@dataclass(frozen=True)
-class Latency:
-    """Per-call wall-clock latency (ms) after ``warmup`` untimed calls, over ``iterations``."""
-
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    std_ms: float
-    warmup: int
-    iterations: int
-
-    @property
-    def throughput(self) -> float:
-        """Calls per second at this latency, one call at a time."""
-        return 1000.0 / self.mean_ms
-
-    def as_dict(self) -> dict[str, float]:
-        return {**dataclasses.asdict(self), "throughput": self.throughput}
-
-
 def latency(fn: Callable[[], object], warmup: int = 20, iterations: int = 200) -> Latency:
     """Time ``fn()`` call by call: the one timer of benchmarks and the validate stage.
 
@@ -233,6 +212,4 @@ def interleaved_latency_by_threads(
 
 def _summary(times: list[float], warmup: int) -> Latency:
     """The device timer's summary (:func:`edgepc_device.timing.summarise`), typed."""
-    summary = summarise(times, warmup)
-    del summary["throughput"]  # a property of Latency
-    return Latency(**summary)
+    return Latency(**summarise(times, warmup))

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 from torch import nn
 
 from edgepc.errors import EdgepcError
@@ -88,6 +90,16 @@ TARGETS: dict[str, Target] = {
         ),
     )
 }  # fmt: skip
+
+
+def known_target(name: str) -> str:
+    """``name``, if it is a target: the validator of every ``target`` field."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}: edgepc has {', '.join(TARGETS)}")
+    return name
+
+
+TargetName = Annotated[str, AfterValidator(known_target)]
 
 
 def get_target(name: str) -> Target:

@@ -81,6 +81,9 @@ class Timing:
                "latencies and throughput must be positive")  # fmt: skip
         _check(self.std_ms >= 0 and self.warmup >= 0 and self.iterations >= 2, "timing counts")
 
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
 
 DEVICE_FACTS = ("name", "cpu", "cores", "os", "runtime", "runtime_version")
 

@@ -23,7 +23,7 @@ from edgepc.export.parity import parity, violations
 from edgepc.export.runtimes import open_runtime
 from edgepc.export.tensorrt import check_onnx
 from edgepc.measure import interleaved_latency, interleaved_latency_by_threads, latency
-from edgepc.pipelines.config import ExportSection
+from edgepc.pipelines.config import load_config
 from edgepc.pipelines.deploy import (
     ValidationGateError,
     validate_bundle,
@@ -43,7 +43,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("target", ["cpu", "mobile", "jetson"])
 def test_each_writer_matches_pytorch_in_its_runtime(tmp_path, setup, target):
     model, int8, testset, spec, _ = setup
-    bounds = ExportSection()
+    bounds = load_config(target).export
     x = normalise(np.load(testset)["images"], spec.mean, spec.std)
     sizes = {}
     for source in ("fp32", "ptq"):
@@ -180,11 +180,11 @@ def test_parity_metrics_and_their_bounds():
     assert same["top1_agreement"] == 1.0
     assert same["max_logit_delta"] == 0.0
     assert same["pc_triplet_agreement"] == 1.0
-    assert violations(same, ExportSection().fp32_parity) == []
+    assert violations(same, load_config("cpu").export.fp32_parity) == []
     shuffled = parity((logits, emb), (logits[::-1].copy(), emb[::-1].copy()))
     assert shuffled["top1_agreement"] < 0.3
     assert shuffled["pc_triplet_agreement"] < 0.7
-    broken = violations(shuffled, ExportSection().int8_parity)
+    broken = violations(shuffled, load_config("cpu").export.int8_parity)
     assert [b.split()[0] for b in broken] == [
         "top1_agreement", "pc_triplet_agreement", "max_logit_delta"]  # fmt: skip
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgepc.distill.losses import loss_class
 from edgepc.errors import EdgepcError
-from edgepc.targets import TARGETS
+from edgepc.targets import TARGETS, TargetName
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped with the package
 
@@ -176,7 +176,7 @@ class TrackingSection(Section):
 
 class PipelineConfig(Section):
     name: str
-    target: str  # a key of edgepc.targets.TARGETS
+    target: TargetName
     seed: int = 0
     device: str = "auto"
     data: DataSection = DataSection()
@@ -187,13 +187,6 @@ class PipelineConfig(Section):
     validation: ValidateSection = ValidateSection()
     registry: RegisterSection = RegisterSection()
     tracking: TrackingSection = TrackingSection()
-
-    @field_validator("target")
-    @classmethod
-    def _known(cls, target: str) -> str:
-        if target not in TARGETS:
-            raise ValueError(f"unknown target {target!r}: edgepc has {', '.join(TARGETS)}")
-        return target
 
     @model_validator(mode="before")
     @classmethod

@@ -26,7 +26,6 @@ from edgepc.pipelines.runner import (
     STAGES,
     PipelineReport,
     default_cache,
-    follow_pipeline,
     run_pipeline,
 )
 from edgepc.targets import TARGETS
@@ -99,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         reports = []
         for target in targets:
             config = load_config(target, args.config, args.profile, args.overrides)
-            if init_from_env(local_device(pick_device(config.device))) and rank() > 0:
-                follow_pipeline(config, args.cache, args.until)
-                continue
+            init_from_env(local_device(pick_device(config.device)))  # under torchrun
             progress = not args.no_progress
-            reports.append(run_pipeline(config, args.cache, progress=progress, until=args.until))
-            print(summary(reports[-1]))
+            report = run_pipeline(config, args.cache, progress=progress, until=args.until)
+            if rank() == 0:
+                reports.append(report)
+                print(summary(report))
         if len(reports) > 1 and all(r.rows for r in reports):
             print(f"\nall artifacts (batch 1, 1 thread):\n{side_by_side(reports)}")
     except EdgepcError as error:

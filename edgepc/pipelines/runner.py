@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgepc import __version__
 from edgepc.data.datasets import data_home
@@ -35,7 +36,10 @@ from edgepc.pipelines.stages import (
     qat_stage,
     teacher_stage,
 )
-from edgepc.tracking import Tracker, flatten, git_commit
+from edgepc.tracking import NoTracking, Tracker, Tracking, flatten, git_commit
+
+if TYPE_CHECKING:
+    import torch
 
 StageFn = Callable[[PipelineConfig, dict, StageContext], StageResult]
 
@@ -153,18 +157,25 @@ def _save_result(workdir: Path, result: StageResult) -> None:
 def run_pipeline(
     config: PipelineConfig,
     cache: Path | None = None,
-    tracker: Tracker | None = None,
+    tracker: Tracking | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
     until: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> PipelineReport:
-    """Run every stage in order (skipping cached ones) under one MLflow parent run, up to and
-    including ``until`` (None: all), with ``tags`` added to every run."""
+    """Run every stage in order (skipping cached ones) under one tracked parent run, up to and
+    including ``until`` (None: all), with ``tags`` added to every run.
+
+    Under ``torchrun`` every rank calls this: rank 0 owns the cache and the tracking (the others
+    get :class:`NoTracking`), says which stages run, and the others take part in the training
+    stages (in a scratch folder of their own) and read every result from rank 0's cache."""
     stages = _stages(until)
     cache = cache or default_cache()
     if cache.exists() and not cache.is_dir():
         raise EdgepcError(f"the cache {cache} is a file, not a folder: give --cache a folder")
+    leader = rank() == 0
+    if not leader:
+        tracker, progress, echo = NoTracking(), False, lambda _: None
     tracker = tracker or Tracker(on_error=config.tracking.on_error)
     closed = tracker.close_killed_runs()
     if closed:
@@ -184,38 +195,40 @@ def run_pipeline(
         tracker.log_dict(dumped, "config.yaml")
         for stage in stages:
             workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
-            if stage.cached:
+            if stage.cached and leader:
                 stack.enter_context(_stage_lock(workdir, echo))
-            result = _load_result(workdir) if stage.cached else None
+            result = _load_result(workdir) if stage.cached and leader else None
             params = flatten({s: dumped[s] for s in stage.sections}, f"{stage.name}.")
             stage_tags = {**tags, "edgepc.stage": stage.name, "edgepc.cache_key": keys[stage.name]}
             if "data" in done:
                 stage_tags["edgepc.dataset_fingerprint"] = done["data"][1].facts["fingerprint"]
             started = time.perf_counter()
-            status = str(broadcast("cached" if result is not None else "ran"))
+            status = str(broadcast("cached" if result is not None else "ran"))  # rank 0's word
             with tracker.run(stage.name, {**stage_tags, "edgepc.status": status}, params) as rid:
-                if result is None:
-                    workdir.mkdir(parents=True, exist_ok=True)
-                    remove_stale_temporaries(workdir)  # of a run killed in this stage
-                    log = lambda m, step: tracker.log_metrics(m, step)  # noqa: E731
-                    ctx = StageContext(workdir, device, log, progress, rid, tracker)
-                    upstream = {u: done[u] for u in stage.upstream}
+                upstream = {u: done[u] for u in stage.upstream}
+                if status == "ran" and leader:
                     echo(f"[{stage.name}] running in {workdir}")
-                    result = stage.run(config, upstream, ctx)
-                    _save_result(workdir, result)
-                    for name in result.files.values():
-                        path = workdir / name
-                        if path.is_dir():
-                            tracker.log_artifact(path, f"{stage.name}/{name}")
-                        elif path.stat().st_size < 64 * 2**20:
-                            tracker.log_artifact(path, stage.name)
-                else:
+                    result = _run_stage(stage, config, upstream, workdir, device, tracker,
+                                        progress, rid)  # fmt: skip
+                elif status == "ran" and stage.name in DATA_PARALLEL:  # a rank > 0 takes part
+                    scratch = cache / f".{workdir.name}.rank{rank()}"
+                    try:
+                        _run_stage(stage, config, upstream, scratch, device, tracker, False, rid)
+                    finally:
+                        shutil.rmtree(scratch, ignore_errors=True)
+                elif leader:
                     echo(f"[{stage.name}] cached: {workdir}")
-                if stage.name == "data":
-                    tracker.set_tags({"edgepc.dataset_fingerprint": result.facts["fingerprint"]})
-                tracker.log_metrics(result.metrics)
+                if leader:
+                    if stage.name == "data":
+                        tracker.set_tags({"edgepc.dataset_fingerprint":
+                                          result.facts["fingerprint"]})  # fmt: skip
+                    tracker.log_metrics(result.metrics)
             stack.close()  # the result is on disk: release the stage's lock
             barrier()  # ranks > 0 read the result now
+            if not leader:
+                result = _load_result(workdir)
+                if result is None:
+                    raise EdgepcError(f"rank 0 left no result for stage {stage.name} in {workdir}")
             done[stage.name] = (workdir, result)
             seconds = time.perf_counter() - started
             reports.append(StageReport(stage.name, status, seconds, result.metrics, rid))
@@ -224,8 +237,33 @@ def run_pipeline(
     rows = done["validate"][1].facts["rows"] if "validate" in done else {}
     device_name = tags["edgepc.device"]
     return PipelineReport(
-        config.name, parent, tracker.uri, reports, artifacts_table(done), rows, device_name
+        config.name, parent or "", tracker.uri, reports, artifacts_table(done), rows, device_name
     )
+
+
+def _run_stage(
+    stage: Stage,
+    config: PipelineConfig,
+    upstream: dict[str, tuple[Path, StageResult]],
+    workdir: Path,
+    device: torch.device,
+    tracker: Tracking,
+    progress: bool,
+    run_id: str | None,
+) -> StageResult:
+    """One stage in ``workdir`` (resuming what an interrupted run left there): its result saved
+    last, its files logged to the stage's run."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(workdir)  # of a run killed in this stage
+    log = lambda metrics, step: tracker.log_metrics(metrics, step)  # noqa: E731
+    ctx = StageContext(workdir, device, log, progress, run_id, tracker)
+    result = stage.run(config, upstream, ctx)
+    _save_result(workdir, result)
+    for name in result.files.values():
+        path = workdir / name
+        if path.is_dir() or path.stat().st_size < 64 * 2**20:
+            tracker.log_artifact(path, f"{stage.name}/{name}" if path.is_dir() else stage.name)
+    return result
 
 
 @contextlib.contextmanager
@@ -258,33 +296,6 @@ def _stages(until: str | None) -> tuple[Stage, ...]:
     if until is not None and until not in names:
         raise ValueError(f"until={until!r} is not a stage: {', '.join(names)}")
     return STAGES[: names.index(until) + 1] if until else STAGES
-
-
-def follow_pipeline(
-    config: PipelineConfig, cache: Path | None = None, until: str | None = None
-) -> None:
-    """What ranks > 0 of a ``torchrun`` do while rank 0 runs :func:`run_pipeline`: take part in
-    each training stage rank 0 runs (in a scratch folder of their own, removed after), and read
-    every result from rank 0's cache. No MLflow, no cache writes."""
-    cache = cache or default_cache()
-    device = local_device(pick_device(config.device))
-    keys = stage_keys(config)
-    done: dict[str, tuple[Path, StageResult]] = {}
-    for stage in _stages(until):
-        workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
-        if broadcast(None) == "ran" and stage.name in DATA_PARALLEL:
-            scratch = cache / f".{workdir.name}.rank{rank()}"
-            scratch.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(scratch, device, lambda metrics, step: None, False)
-            try:
-                stage.run(config, {u: done[u] for u in stage.upstream}, ctx)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-        barrier()
-        result = _load_result(workdir)
-        if result is None:
-            raise EdgepcError(f"rank 0 left no result for stage {stage.name} in {workdir}")
-        done[stage.name] = (workdir, result)
 
 
 def artifacts_table(done: dict[str, tuple[Path, StageResult]]) -> str:

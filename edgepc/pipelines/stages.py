@@ -11,7 +11,6 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -26,6 +25,7 @@ from edgepc.models import EmbeddingModel, build_model
 from edgepc.pipelines.config import PipelineConfig, TrainSection
 from edgepc.pipelines.plots import plot_history, plot_qat
 from edgepc.quant import finetune, quantized
+from edgepc.tracking import Tracking
 
 
 @dataclass(frozen=True)
@@ -35,23 +35,7 @@ class StageContext:
     log: Callable[[dict[str, float], int | None], None]
     progress: bool = True
     run_id: str | None = None  # the stage's MLflow run
-    registry: Registry | None = None
-
-
-class Registry(Protocol):
-    """The model registry as the register stage sees it (the runner binds it to MLflow)."""
-
-    def register(
-        self,
-        model: str,
-        alias: str,
-        folder: Path,
-        digest: str,
-        tags: dict[str, str],
-        description: str,
-    ) -> str:
-        """Make ``folder`` a version of ``model`` (reusing the version of the same ``digest``)
-        and point ``alias`` at it; returns the version."""
+    registry: Tracking | None = None  # the register stage's model registry
 
 
 @dataclass
