@@ -30,7 +30,7 @@ from edgepc.pipelines.deploy import (
     validate_stage,
     validation_table,
 )
-from edgepc.pipelines.stages import StageContext, StageResult
+from edgepc.pipelines.stages import EmbeddingFacts, ExportFacts, StageContext, StageResult
 from edgepc_device.bundle import normalise
 from edgepc_device.runtimes import onnx_session_options, x86_without_vnni
 from tests.conftest import bundle
@@ -243,10 +243,13 @@ def test_validate_measures_the_bundles_and_the_gate_fails_clearly(tmp_path, setu
 
     latency = "validation.latency={warmup: 1, iterations: 6, block: 2}"
     config = load_config("cpu", overrides=[latency])
-    export = (tmp_path, StageResult(facts={"bundles": [m.name for m in manifests]}))
+    export = (tmp_path, StageResult({}, {}, ExportFacts([m.name for m in manifests], {})))
     ctx = StageContext(tmp_path / "validate", CPU, lambda m, s: None, False)
     ctx.workdir.mkdir()
-    fine = {"distill": (tmp_path, StageResult({"test_top1": row["test_top1"]})), "export": export}
+    fine = {
+        "distill": (tmp_path, StageResult({"test_top1": row["test_top1"]}, {}, EmbeddingFacts(8))),
+        "export": export,
+    }
     result = validate_stage(config, fine, ctx)
     metrics = result.metrics
     assert metrics["int8_test_top1"] == row["test_top1"]
@@ -255,7 +258,7 @@ def test_validate_measures_the_bundles_and_the_gate_fails_clearly(tmp_path, setu
         assert metrics[f"int8_speed_vs_fp32_{t}t"] == metrics[f"fp32_p50_ms_{t}t"] / metrics[
             f"int8_p50_ms_{t}t"]  # fmt: skip
         assert metrics[f"fp32_speed_vs_fp32_{t}t"] == 1.0
-    table = result.facts["table"]
+    table = result.facts.table
     speed = metrics["int8_speed_vs_fp32_1t"]
     assert f"| {speed:.2f}× |" in table
     slower = "**int8 is slower than fp32 here**" in table
@@ -263,7 +266,10 @@ def test_validate_measures_the_bundles_and_the_gate_fails_clearly(tmp_path, setu
     # An fp32 student 5 points better than the weaker file: the gate stops the pipeline there.
     weaker = min(("fp32", "int8"), key=lambda p: metrics[f"{p}_test_top1"])
     top1 = metrics[f"{weaker}_test_top1"] + 0.05
-    better = {**fine, "distill": (tmp_path, StageResult({"test_top1": top1}))}
+    better = {
+        **fine,
+        "distill": (tmp_path, StageResult({"test_top1": top1}, {}, EmbeddingFacts(8))),
+    }
     gate = rf"cpu-{weaker} loses 5.00 top-1 points .*validation.max_drop = 1.0"
     with pytest.raises(ValidationGateError, match=gate):
         validate_stage(config, better, ctx)

@@ -35,7 +35,15 @@ from edgepc.files import write_text
 from edgepc.measure import interleaved_latency_by_threads
 from edgepc.pipelines.config import LatencySection, PipelineConfig
 from edgepc.pipelines.plots import plot_validation
-from edgepc.pipelines.stages import StageContext, StageResult, build_student, prepare_data
+from edgepc.pipelines.stages import (
+    ExportFacts,
+    RegisterFacts,
+    StageContext,
+    StageResult,
+    ValidateFacts,
+    build_student,
+    prepare_data,
+)
 from edgepc.quant import convert, restore
 from edgepc.targets import get_target
 from edgepc_device.bundle import normalise
@@ -84,7 +92,7 @@ def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> S
         prepared.dataset.test_labels.numpy(),
         teacher_test["embeddings"][: section.pc_eval_limit].numpy(),
     )
-    norm = Normalise(mean=data.facts["mean"], std=data.facts["std"])
+    norm = Normalise(mean=data.facts.mean, std=data.facts.std)
     x = normalise(test_images[: section.parity_size], norm.mean, norm.std)
     example = torch.from_numpy(x[:2])
     fp32 = build_student(config, data, upstream["distill"]).eval()
@@ -98,7 +106,7 @@ def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> S
             model = convert(quant)
         folder = ctx.workdir / name
         manifest = write_bundle(folder, model, example, target, source, testset, norm,
-                                data.facts["classes"], ctx.run_id)  # fmt: skip
+                                data.facts.classes, ctx.run_id)  # fmt: skip
         with torch.no_grad():
             reference = tuple(t.numpy() for t in model(torch.from_numpy(x)))
         rows[name] = parity(reference, open_runtime(folder / manifest.model).predict(x))
@@ -122,7 +130,7 @@ def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> S
         )
     metrics = {f"{_key(n, target)}_parity_{k}": v for n, r in rows.items() for k, v in r.items()}
     files = {name: name for name in bundles} | {"parity": "parity.md"}
-    return StageResult(metrics, files, {"bundles": bundles, "parity": rows})
+    return StageResult(metrics, files, ExportFacts(bundles, rows))
 
 
 def _key(bundle: str, target: str) -> str:
@@ -181,7 +189,7 @@ def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) ->
     section, target = config.validation, config.target
     threads = section.latency.threads
     rows = {}
-    for name in tqdm(export.facts["bundles"], desc="validate", disable=not ctx.progress):
+    for name in tqdm(export.facts.bundles, desc="validate", disable=not ctx.progress):
         rows[name] = validate_bundle(export_dir / name, max(threads), ctx.progress)
         rows[name]["drop_points"] = 100 * (fp32_top1 - rows[name]["test_top1"])
     folders = [export_dir / name for name in rows]
@@ -207,7 +215,7 @@ def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) ->
         )
     metrics = {f"{_key(n, target)}_{k}": v for n, row in rows.items() for k, v in row.items()}
     files = {"table": "validation.md", "report": "validation.json", "plot": "validation.png"}
-    return StageResult(metrics, files, {"rows": rows, "table": table})
+    return StageResult(metrics, files, ValidateFacts(rows, table))
 
 
 def validation_table(
@@ -247,12 +255,12 @@ def validation_table(
 def register_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
     """Every validated bundle as a version of the pipeline's registered model, alias = name."""
     export_dir, export = upstream["export"]
-    rows = upstream["validate"][1].facts["rows"]
+    rows = upstream["validate"][1].facts.rows
     if ctx.registry is None:
         raise EdgepcError("the register stage needs an MLflow tracker (run it through the runner)")
     model = config.registry.model or f"edgepc-{config.name}"
     versions = {}
-    for name in export.facts["bundles"]:
+    for name in export.facts.bundles:
         folder = export_dir / name
         manifest = read_manifest(folder)
         if name not in rows:
@@ -268,4 +276,4 @@ def register_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) ->
         versions[name] = ctx.registry.register(model, name, folder, entry.sha256, tags, description)
     metrics = {f"{_key(n, config.target)}_version": float(v) for n, v in versions.items()
                if v.isdigit()}  # not while the store is down  # fmt: skip
-    return StageResult(metrics, {}, {"model": model, "versions": versions})
+    return StageResult(metrics, {}, RegisterFacts(model, versions))

@@ -29,8 +29,15 @@ from edgepc.hardware import describe, pick_device
 from edgepc.pipelines.config import PipelineConfig
 from edgepc.pipelines.deploy import export_stage, register_stage, validate_stage
 from edgepc.pipelines.stages import (
+    DataFacts,
+    EmbeddingFacts,
+    ExportFacts,
+    Facts,
+    QATFacts,
+    RegisterFacts,
     StageContext,
     StageResult,
+    ValidateFacts,
     data_stage,
     distill_stage,
     qat_stage,
@@ -48,6 +55,7 @@ StageFn = Callable[[PipelineConfig, dict, StageContext], StageResult]
 class Stage:
     name: str
     run: StageFn
+    facts: type[Facts]  # what it hands downstream besides metrics and files
     sections: tuple[str, ...]  # config sections (and top-level keys) it depends on
     upstream: tuple[str, ...]
     cached: bool = True  # False: runs every time (its effect lives outside the cache)
@@ -56,13 +64,26 @@ class Stage:
 # Stages that train: every rank of a torchrun takes part (the others run on rank 0 alone).
 DATA_PARALLEL = ("teacher", "distill", "qat")
 STAGES = (
-    Stage("data", data_stage, ("data", "seed"), ()),
-    Stage("teacher", teacher_stage, ("teacher", "seed"), ("data",)),
-    Stage("distill", distill_stage, ("distill", "seed"), ("data", "teacher")),
-    Stage("qat", qat_stage, ("qat", "target", "seed"), ("data", "teacher", "distill")),
-    Stage("export", export_stage, ("export", "target"), ("data", "teacher", "distill", "qat")),
-    Stage("validate", validate_stage, ("validation",), ("distill", "export")),
-    Stage("register", register_stage, ("registry", "name"), ("export", "validate"), False),
+    Stage("data", data_stage, DataFacts, ("data", "seed"), ()),
+    Stage("teacher", teacher_stage, EmbeddingFacts, ("teacher", "seed"), ("data",)),
+    Stage("distill", distill_stage, EmbeddingFacts, ("distill", "seed"), ("data", "teacher")),
+    Stage("qat", qat_stage, QATFacts, ("qat", "target", "seed"), ("data", "teacher", "distill")),
+    Stage(
+        "export",
+        export_stage,
+        ExportFacts,
+        ("export", "target"),
+        ("data", "teacher", "distill", "qat"),
+    ),
+    Stage("validate", validate_stage, ValidateFacts, ("validation",), ("distill", "export")),
+    Stage(
+        "register",
+        register_stage,
+        RegisterFacts,
+        ("registry", "name"),
+        ("export", "validate"),
+        False,
+    ),
 )
 
 
@@ -143,11 +164,12 @@ def stage_keys(config: PipelineConfig) -> dict[str, str]:
     return keys
 
 
-def _load_result(workdir: Path) -> StageResult | None:
+def _load_result(stage: Stage, workdir: Path) -> StageResult | None:
     path = workdir / "result.json"
     if not path.is_file():
         return None
-    return StageResult(**json.loads(path.read_text()))
+    raw = json.loads(path.read_text())
+    return StageResult(raw["metrics"], raw["files"], stage.facts(**raw["facts"]))
 
 
 def _save_result(workdir: Path, result: StageResult) -> None:
@@ -197,11 +219,11 @@ def run_pipeline(
             workdir = cache / f"{stage.name}-{keys[stage.name][:16]}"
             if stage.cached and leader:
                 stack.enter_context(_stage_lock(workdir, echo))
-            result = _load_result(workdir) if stage.cached and leader else None
+            result = _load_result(stage, workdir) if stage.cached and leader else None
             params = flatten({s: dumped[s] for s in stage.sections}, f"{stage.name}.")
             stage_tags = {**tags, "edgepc.stage": stage.name, "edgepc.cache_key": keys[stage.name]}
             if "data" in done:
-                stage_tags["edgepc.dataset_fingerprint"] = done["data"][1].facts["fingerprint"]
+                stage_tags["edgepc.dataset_fingerprint"] = done["data"][1].facts.fingerprint
             started = time.perf_counter()
             status = str(broadcast("cached" if result is not None else "ran"))  # rank 0's word
             with tracker.run(stage.name, {**stage_tags, "edgepc.status": status}, params) as rid:
@@ -221,12 +243,12 @@ def run_pipeline(
                 if leader:
                     if stage.name == "data":
                         tracker.set_tags({"edgepc.dataset_fingerprint":
-                                          result.facts["fingerprint"]})  # fmt: skip
+                                          result.facts.fingerprint})  # fmt: skip
                     tracker.log_metrics(result.metrics)
             stack.close()  # the result is on disk: release the stage's lock
             barrier()  # ranks > 0 read the result now
             if not leader:
-                result = _load_result(workdir)
+                result = _load_result(stage, workdir)
                 if result is None:
                     raise EdgepcError(f"rank 0 left no result for stage {stage.name} in {workdir}")
             done[stage.name] = (workdir, result)
@@ -234,7 +256,7 @@ def run_pipeline(
             reports.append(StageReport(stage.name, status, seconds, result.metrics, rid))
         tracker.log_metrics({f"{r.stage}.{k}": v for r in reports for k, v in r.metrics.items()})
         tracker.log_metrics({f"{r.stage}.seconds": r.seconds for r in reports})
-    rows = done["validate"][1].facts["rows"] if "validate" in done else {}
+    rows = done["validate"][1].facts.rows if "validate" in done else {}
     device_name = tags["edgepc.device"]
     return PipelineReport(
         config.name, parent or "", tracker.uri, reports, artifacts_table(done), rows, device_name
@@ -302,12 +324,12 @@ def artifacts_table(done: dict[str, tuple[Path, StageResult]]) -> str:
     """Every artifact with its runtime accuracy, coherence, latency and size, and where it is."""
     if "validate" not in done:
         return ""
-    table = str(done["validate"][1].facts["table"])
+    table = done["validate"][1].facts.table
     export_dir = done["export"][0]
     lines = [table.rstrip(), "", f"bundles: {export_dir}/<artifact>"]
     if "register" in done:
         facts = done["register"][1].facts
         aliases = ", ".join(f"@{a} ({'v' if v.isdigit() else ''}{v})"
-                            for a, v in facts["versions"].items())  # fmt: skip
-        lines.append(f"registered as {facts['model']}: {aliases}")
+                            for a, v in facts.versions.items())  # fmt: skip
+        lines.append(f"registered as {facts.model}: {aliases}")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,13 +38,58 @@ class StageContext:
     registry: Tracking | None = None  # the register stage's model registry
 
 
+# What each stage tells the stages after it (besides its metrics and files): typed, and kept in
+# the stage's result.json.
+@dataclass(frozen=True)
+class DataFacts:
+    fingerprint: str
+    classes: list[str]
+    channels: int
+    image_size: list[int]
+    mean: list[float]
+    std: list[float]
+    train_class_counts: list[int]
+
+
+@dataclass(frozen=True)
+class EmbeddingFacts:  # teacher, distill
+    embedding_dim: int
+
+
+@dataclass(frozen=True)
+class QATFacts:
+    target: str
+    table: dict[str, dict[str, float]]  # model -> its test metrics
+
+
+@dataclass(frozen=True)
+class ExportFacts:
+    bundles: list[str]
+    parity: dict[str, dict[str, float]]  # bundle -> its parity with PyTorch
+
+
+@dataclass(frozen=True)
+class ValidateFacts:
+    rows: dict[str, dict[str, float]]  # bundle -> accuracy, coherence, latency, size
+    table: str
+
+
+@dataclass(frozen=True)
+class RegisterFacts:
+    model: str
+    versions: dict[str, str]  # alias -> version
+
+
+Facts = DataFacts | EmbeddingFacts | QATFacts | ExportFacts | ValidateFacts | RegisterFacts
+
+
 @dataclass
 class StageResult:
     """What a stage hands downstream: key metrics, its files (relative to its workdir), facts."""
 
-    metrics: dict[str, float] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-    facts: dict[str, object] = field(default_factory=dict)
+    metrics: dict[str, float]
+    files: dict[str, str]
+    facts: Facts
 
 
 @dataclass(frozen=True)
@@ -72,7 +117,7 @@ def prepare_data(config: PipelineConfig, data: StageResult, workdir: Path) -> Pr
     """The dataset and the data stage's split, loaded again for a downstream stage."""
     dataset = load_data(config)
     splits = torch.load(workdir / data.files["splits"], weights_only=True)
-    norm = Normalisation(tuple(data.facts["mean"]), tuple(data.facts["std"]))
+    norm = Normalisation(tuple(data.facts.mean), tuple(data.facts.std))
     return PreparedData(dataset, splits["train"], splits["val"], splits["calibration"], norm)
 
 
@@ -92,16 +137,9 @@ def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Sta
         ctx.workdir / "splits.pt",
     )
     counts = torch.bincount(dataset.train_labels[splits.train], minlength=len(dataset.classes))
-    facts = {
-        "fingerprint": fingerprint(dataset),
-        "classes": list(dataset.classes),
-        "channels": dataset.channels,
-        "image_size": list(dataset.image_size),
-        "mean": mean,
-        "std": std,
-        "train_class_counts": counts.tolist(),
-    }
-    write_text(ctx.workdir / "data.json", json.dumps(facts, indent=2))
+    facts = DataFacts(fingerprint(dataset), list(dataset.classes), dataset.channels,
+                      list(dataset.image_size), mean, std, counts.tolist())  # fmt: skip
+    write_text(ctx.workdir / "data.json", json.dumps(asdict(facts), indent=2))
     metrics = {
         "train_size": len(splits.train),
         "val_size": len(splits.val),
@@ -112,7 +150,7 @@ def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Sta
 
 
 def _build(name: str, data: StageResult) -> EmbeddingModel:
-    return build_model(name, len(data.facts["classes"]), data.facts["channels"])
+    return build_model(name, len(data.facts.classes), data.facts.channels)
 
 
 def subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
@@ -196,7 +234,7 @@ def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
     files = {"model": "teacher.pt", "outputs": "teacher_outputs.pt"}
     if not section.checkpoint:
         files["curves"] = "curves.png"
-    return StageResult(metrics, files, {"embedding_dim": outputs["test"]["embeddings"].shape[1]})
+    return StageResult(metrics, files, EmbeddingFacts(outputs["test"]["embeddings"].shape[1]))
 
 
 def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
@@ -253,9 +291,9 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
             probe,
         )
         metrics |= {f"{part}_{k}": v for k, v in scores.items()}
-    _check_learned(config, metrics, len(prepared.val), len(data.facts["classes"]))
+    _check_learned(config, metrics, len(prepared.val), len(data.facts.classes))
     files = {"model": "student.pt", "curves": "curves.png"}
-    return StageResult(metrics, files, {"embedding_dim": bank.shape[1]})
+    return StageResult(metrics, files, EmbeddingFacts(bank.shape[1]))
 
 
 def _check_learned(config: PipelineConfig, metrics: dict, n: int, classes: int) -> None:
@@ -355,7 +393,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
         metrics |= {f"{name}_{k}": v for k, v in history[-1].items() if k.startswith("val_")}
     files = {name: f"{name}_student.pt" for name in ("ptq", *variants)}
     files |= {"table": "before_after.md", "plot": "triplet_agreement.png"}
-    return StageResult(metrics, files, {"target": target, "table": table})
+    return StageResult(metrics, files, QATFacts(target, table))
 
 
 def before_after(table: dict[str, dict[str, float]], target: str) -> str:
