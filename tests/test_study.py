@@ -372,3 +372,20 @@ def test_pc_variants_screens_confirms_and_chooses_on_validation_only(tmp_path, c
     assert variants.main([*empty, "--report-only"]) == 0
     assert "0 runs trained, 10 read back" in capsys.readouterr().out  # 6 screened, 4 confirmed
     assert json.loads(out.with_suffix(".json").read_text())["records"] == first["records"]
+
+
+def test_the_committed_records_read_back_with_this_code(tmp_path):
+    """docs/RESULTS.json regenerates the report without MLflow and without training: a change
+    of the code that moved a run's cache key would show here as a run to train."""
+    committed = json.loads((PROJECT / "docs" / "RESULTS.json").read_text())
+    out = tmp_path / "RESULTS.md"
+    args = ["--report-only", "--records", str(PROJECT / "docs" / "RESULTS.json"), "--out",
+            str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    assert cli.main(args) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["trained"] == 0
+
+    def runs(raw):
+        return {json.dumps(r["run"], sort_keys=True) for r in [*raw["records"], *raw["kept"]]}
+
+    assert runs(again) == runs(committed)
