@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from edgepc_device.bundle import BundleError, load_testset, read_bundle
 from edgepc_device.metrics import evaluate
 from edgepc_device.report import device_info, make_report, write_report
@@ -35,14 +37,12 @@ def arguments(description: str, threads: bool = True) -> argparse.ArgumentParser
 
 
 def accuracy(
-    folder: Path,
-    manifest: dict,
-    runtime: Runtime,
-    wrap: Callable = iter,
+    testset: tuple[np.ndarray, np.ndarray, np.ndarray], runtime: Runtime, wrap: Callable = iter
 ) -> dict:
-    """top-1 of ``runtime`` on the bundle's whole test set, pc_* on the images whose teacher
-    embeddings the bundle carries: what the validate stage and every device report hold."""
-    x, labels, teacher = load_testset(folder, manifest)
+    """top-1 of ``runtime`` on the bundle's whole test set (:func:`.bundle.load_testset`), pc_*
+    on the images whose teacher embeddings the bundle carries: what the validate stage and every
+    device report hold."""
+    x, labels, teacher = testset
     logits, embeddings = runtime.predict(x, wrap=wrap)
     return evaluate(logits, embeddings, labels, teacher)
 
@@ -63,8 +63,9 @@ def validate(target: str, argv: list[str] | None) -> int:
         runtime = open_runtime(model, max(args.threads))
     except (BundleError, MissingRuntimeError) as error:
         return fail(str(error))
-    scores = accuracy(args.bundle, manifest, runtime)
-    x = load_testset(args.bundle, manifest)[0][:1]
+    testset = load_testset(args.bundle, manifest)
+    scores = accuracy(testset, runtime)
+    x = testset[0][:1]
     timings = {}
     for count in args.threads:
         one = open_runtime(model, count).run

@@ -46,7 +46,7 @@ from edgepc.pipelines.stages import (
 )
 from edgepc.quant import convert, restore
 from edgepc.targets import get_target
-from edgepc_device.bundle import normalise
+from edgepc_device.bundle import load_testset, normalise
 from edgepc_device.validate import accuracy
 
 SOURCES = {"fp32": "fp32", "int8": "qat", "int8-ptq": "ptq"}  # artifact -> PyTorch model
@@ -144,7 +144,7 @@ def validate_bundle(folder: Path, threads: int = 1, progress: bool = False) -> d
     manifest = read_manifest(folder)
     runtime = open_runtime(folder / manifest.model, threads)
     wrap = partial(tqdm, desc=manifest.name, disable=not progress, leave=False)
-    scores = accuracy(folder, manifest.model_dump(), runtime, wrap)
+    scores = accuracy(load_testset(folder, manifest.model_dump()), runtime, wrap)
     row = {f"test_{k}": v for k, v in scores.items() if k not in ("images", "pc_images")}
     row["size_mb"] = manifest.entry(manifest.model).bytes / 2**20
     return row
