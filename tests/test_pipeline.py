@@ -1,10 +1,13 @@
 """The pipeline end to end on a small real subset of Fashion-MNIST, with a real MLflow store."""
 
+import inspect
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,10 +15,10 @@ import torch
 
 from edgepc.errors import TrainingError
 from edgepc.export.writers import ExportError
-from edgepc.pipelines.config import ConfigError, load_config, parse_override
+from edgepc.pipelines.config import ConfigError, PipelineConfig, load_config, parse_override
 from edgepc.pipelines.run import main
 from edgepc.pipelines.runner import STAGES, run_pipeline, stage_keys
-from edgepc.pipelines.stages import load_data
+from edgepc.pipelines.stages import EmbeddingFacts, Output, StageResult, load_data
 from edgepc.tracking import Tracker
 from tests.conftest import SMALL, mlflow_ui
 
@@ -88,7 +91,9 @@ def test_override_values_are_yaml():
 
 def test_test_limit_is_a_seeded_stratified_subset_that_every_stage_reads(small):
     def test_part(*overrides: str) -> tuple[torch.Tensor, torch.Tensor]:
-        dataset = load_data(load_config("cpu", overrides=list(overrides)))
+        config = load_config("cpu", overrides=list(overrides))
+        section = config.data
+        dataset = load_data(section.dataset, section.root, section.test_limit, config.seed)
         return dataset.test_images, dataset.test_labels
 
     assert len(test_part()[1]) == 10_000  # default: the whole test split
@@ -278,6 +283,39 @@ def test_bad_teacher_checkpoint_is_a_model_error(tmp_path, store, content, messa
         run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
     failed = store.client.search_runs([store.experiment_id], "attributes.status = 'FAILED'")
     assert {r.data.tags.get("edgepc.stage") for r in failed} >= {"teacher"}
+
+
+def test_each_stage_is_given_exactly_what_its_cache_key_covers():
+    """A stage takes its key's config sections (its own first, typed as in the config), then
+    its upstream stages' typed outputs, then the context: it cannot read a config key that its
+    cache key leaves out, so a change there cannot be missed by the cache."""
+    fields = PipelineConfig.model_fields
+    facts = {stage.name: stage.facts for stage in STAGES}
+    for stage in STAGES:
+        hints = typing.get_type_hints(stage.run)
+        names = list(inspect.signature(stage.run).parameters)
+        assert names == ["section", *stage.sections[1:], *stage.upstream, "ctx"], stage.name
+        assert hints["section"] is fields[stage.sections[0]].annotation, stage.name
+        for key in stage.sections[1:]:
+            assert hints[key] is fields[key].annotation, stage.name
+        for upstream in stage.upstream:
+            assert hints[upstream] == Output[facts[upstream]], (stage.name, upstream)
+        assert hints["return"] == StageResult[stage.facts], stage.name
+
+
+def test_a_result_whose_facts_this_version_does_not_hand_on_runs_again(tmp_path):
+    from edgepc.pipelines.runner import _load_result, _save_result
+
+    stage = next(stage for stage in STAGES if stage.name == "distill")
+    _save_result(tmp_path, StageResult({"test_top1": 0.5}, {"model": "student.pt"},
+                                       EmbeddingFacts("tiny_cnn", 32)))  # fmt: skip
+    loaded = _load_result(stage, tmp_path)
+    assert loaded == Output({"test_top1": 0.5}, {"model": "student.pt"},
+                            EmbeddingFacts("tiny_cnn", 32), tmp_path)  # fmt: skip
+    assert loaded.file("model") == tmp_path / "student.pt"
+    older = {"metrics": {}, "files": {}, "facts": {"embedding_dim": 32}}  # before "model"
+    (tmp_path / "result.json").write_text(json.dumps(older))
+    assert _load_result(stage, tmp_path) is None
 
 
 def test_an_option_added_later_leaves_stage_keys_alone_at_its_default():
