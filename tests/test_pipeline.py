@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from edgepc.data import load_dataset
 from edgepc.errors import TrainingError
 from edgepc.export.writers import ExportError
 from edgepc.pipelines.config import ConfigError, PipelineConfig, load_config, parse_override
@@ -352,3 +354,46 @@ def test_a_teacher_checkpoint_is_keyed_by_its_bytes_not_its_path(tmp_path):
     assert teacher_key(tmp_path / "a" / "t.pt") != teacher_key(tmp_path / "b.pt")
     # A file that cannot be read keeps its path in the key; loading it then fails clearly.
     assert teacher_key(tmp_path / "none.pt") != teacher_key(tmp_path / "b.pt")
+
+
+@pytest.mark.slow
+def test_a_64_px_rgb_image_folder_goes_through_every_stage_and_onto_the_device(tmp_path, store):
+    """Fashion-MNIST written as 64-px RGB PNGs: the size and the channels reach the models (the
+    standard stride-2 stems), the bundles, the runtimes and the on-device check."""
+    from edgepc.data.datasets import conform, write_image_folder
+    from edgepc.export.bundle import read_manifest
+
+    fmnist = load_dataset("fashion-mnist", download=False)
+    keep = {"train": slice(0, 900), "test": slice(0, 200)}
+    rgb = replace(
+        fmnist,
+        train_images=conform(fmnist.train_images[keep["train"]], 64, 3),
+        train_labels=fmnist.train_labels[keep["train"]],
+        test_images=conform(fmnist.test_images[keep["test"]], 64, 3),
+        test_labels=fmnist.test_labels[keep["test"]],
+    )
+    root = write_image_folder(rgb, tmp_path / "fashion-64")
+    folder = ["data.dataset=imagefolder", f"data.root={root}", "data.val_fraction=0.1",
+              "data.train_limit=null", "distill.train.epochs=3"]  # fmt: skip
+    cache, rows = tmp_path / "cache", {}
+    for target in ("cpu", "mobile"):
+        config = load_config(target, overrides=[*SMALL, *folder])
+        report = run_pipeline(config, cache, store, progress=False, echo=lambda _: None)
+        assert [s.status for s in report.stages][-4:] == ["ran"] * 4
+        rows |= report.rows
+        for name, row in report.rows.items():
+            assert row["test_top1"] > 0.2, (name, row)  # chance 0.1, 2·SE 0.04 at 200 images
+            manifest = read_manifest(next(cache.glob(f"export-*/{name}")))
+            shape = manifest.input.shape
+            assert shape[1:] == ([64, 64, 3] if manifest.input.layout == "NHWC" else [3, 64, 64])
+    data = json.loads(next(cache.glob("data-*/result.json")).read_text())["facts"]
+    assert (data["channels"], data["image_size"]) == (3, [64, 64])
+    bundle = next(cache.glob("export-*/cpu-int8"))
+    out = tmp_path / "report.json"
+    command = [sys.executable, "-m", "edgepc_device", "cpu", str(bundle), "--out", str(out),
+               "--iterations", "20"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    device = json.loads(out.read_text())["accuracy"]
+    assert device["images"] == 200
+    assert device["top1"] == rows["cpu-int8"]["test_top1"]  # the validate stage's

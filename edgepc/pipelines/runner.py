@@ -123,6 +123,8 @@ KEY_NEUTRAL_DEFAULTS = {
     "neighbourhood": None,
     "queue": None,
     "weight_bits": 8,  # the 8-bit weights every target had before (cpu now defaults to 7)
+    "image_size": None,
+    "channels": None,
 }
 
 

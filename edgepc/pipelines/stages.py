@@ -129,10 +129,18 @@ class PreparedData:
     norm: Normalisation
 
 
-def load_data(dataset: str, root: str | None, test_limit: int | None, seed: int) -> ImageDataset:
-    """A dataset, its test part cut to ``test_limit`` images (a stratified subset of the
-    pipeline's ``seed``, the same in every stage)."""
-    loaded = load_dataset(dataset, Path(root) if root else None)
+def load_data(
+    dataset: str,
+    root: str | None,
+    test_limit: int | None,
+    seed: int,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> ImageDataset:
+    """A dataset at ``image_size`` with ``channels`` (None: as stored), its test part cut to
+    ``test_limit`` images (a stratified subset of the pipeline's ``seed``, the same in every
+    stage)."""
+    loaded = load_dataset(dataset, Path(root) if root else None, True, image_size, channels)
     labels = loaded.test_labels
     if test_limit is None or test_limit >= len(labels):
         return loaded
@@ -143,14 +151,16 @@ def load_data(dataset: str, root: str | None, test_limit: int | None, seed: int)
 def prepare_data(data: Output[DataFacts]) -> PreparedData:
     """The dataset and the data stage's split, loaded again for a downstream stage."""
     facts = data.facts
-    dataset = load_data(facts.dataset, facts.root, facts.test_limit, facts.seed)
+    size, channels = tuple(facts.image_size), facts.channels  # what the data stage gave
+    dataset = load_data(facts.dataset, facts.root, facts.test_limit, facts.seed, size, channels)
     splits = torch.load(data.file("splits"), weights_only=True)
     norm = Normalisation(tuple(facts.mean), tuple(facts.std))
     return PreparedData(dataset, splits["train"], splits["val"], splits["calibration"], norm)
 
 
 def data_stage(section: DataSection, seed: int, ctx: StageContext) -> StageResult[DataFacts]:
-    dataset = load_data(section.dataset, section.root, section.test_limit, seed)
+    dataset = load_data(section.dataset, section.root, section.test_limit, seed,
+                        section.image_size, section.channels)  # fmt: skip
     splits = make_splits(
         dataset.train_labels,
         section.val_fraction,
@@ -178,7 +188,8 @@ def data_stage(section: DataSection, seed: int, ctx: StageContext) -> StageResul
 
 
 def _build(name: str, data: Output[DataFacts]) -> EmbeddingModel:
-    return build_model(name, len(data.facts.classes), data.facts.channels)
+    facts = data.facts
+    return build_model(name, len(facts.classes), facts.channels, min(facts.image_size))
 
 
 def subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
