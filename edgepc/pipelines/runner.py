@@ -26,6 +26,7 @@ from edgepc.distill.distributed import barrier, broadcast, local_device, rank
 from edgepc.errors import EdgepcError
 from edgepc.files import remove_stale_temporaries, write_text
 from edgepc.hardware import describe, pick_device
+from edgepc.models.teachers import is_program
 from edgepc.pipelines.config import PipelineConfig
 from edgepc.pipelines.deploy import export_stage, register_stage, validate_stage
 from edgepc.pipelines.stages import (
@@ -147,8 +148,11 @@ def _file_digest(path: str) -> str:
 
 def stage_key(stage: Stage, config: PipelineConfig, upstream_keys: list[str]) -> str:
     dumped = _key_content(config.model_dump(mode="json"))
-    if dumped["teacher"]["checkpoint"]:  # the weights, not where they lie, decide the teacher
-        dumped["teacher"]["checkpoint"] = _file_digest(dumped["teacher"]["checkpoint"])
+    teacher = dumped["teacher"]  # the weights, not where they lie, decide the teacher
+    if teacher["checkpoint"]:
+        teacher["checkpoint"] = _file_digest(teacher["checkpoint"])
+    if is_program(teacher["model"]):
+        teacher["model"] = _file_digest(teacher["model"])
     content = {
         "stage": stage.name,
         "config": {s: dumped[s] for s in stage.sections},

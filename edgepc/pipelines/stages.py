@@ -23,9 +23,10 @@ from edgepc.data.datasets import ImageDataset, stratified_subset
 from edgepc.distill.evaluate import better_than_chance, evaluate_embeddings, linear_probe, predict
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
-from edgepc.errors import ModelError, TrainingError
+from edgepc.errors import TrainingError
 from edgepc.files import write_text
 from edgepc.models import EmbeddingModel, build_model
+from edgepc.models.teachers import ProgramTeacher, reload_teacher, save_teacher, teacher_model
 from edgepc.pipelines.config import (
     DataSection,
     DistillSection,
@@ -227,31 +228,20 @@ def _fit(
     return history
 
 
-def load_teacher_weights(model: torch.nn.Module, path: Path) -> None:
-    """The state dict in ``path`` into ``model``; a one-line :class:`ModelError` for a file that
-    is missing, damaged, hostile or of another model."""
-    try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as error:  # torch raises many types for a damaged file
-        first = (str(error).splitlines() or [""])[0]
-        raise ModelError(
-            f"cannot load teacher checkpoint {path} ({type(error).__name__}: {first}): give a "
-            "state dict saved with torch.save(model.state_dict()) for teacher.model"
-        ) from None
-
-
 def teacher_stage(
     section: TeacherSection, seed: int, data: Output[DataFacts], ctx: StageContext
 ) -> StageResult[EmbeddingFacts]:
     prepared = prepare_data(data)
     torch.manual_seed(seed)
-    teacher = _build(section.model, data)
+    facts, checkpoint = data.facts, Path(section.checkpoint) if section.checkpoint else None
+    teacher, untrained = teacher_model(section.model, len(facts.classes), facts.channels,
+                                       min(facts.image_size), checkpoint)  # fmt: skip
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
-    if section.checkpoint:
-        load_teacher_weights(teacher.model, Path(section.checkpoint))
-    else:
+    if isinstance(teacher, ProgramTeacher):
+        teacher.check(prepared.norm.apply(images[prepared.train[:3]]), len(facts.classes))
+    if untrained:  # no weights, or a new head for these classes
         _fit(teacher, prepared, section.train, seed, ctx, f"teacher {section.model}")
-    atomic_save(teacher.model.state_dict(), ctx.workdir / "teacher.pt")
+    files = {"model": save_teacher(teacher, ctx.workdir), "outputs": "teacher_outputs.pt"}
     outputs = {}
     for part, x in (
         ("train", images[prepared.train]),
@@ -270,8 +260,7 @@ def teacher_stage(
         labels[prepared.train],
     )
     metrics = {f"test_{k}": v for k, v in metrics.items()}
-    files = {"model": "teacher.pt", "outputs": "teacher_outputs.pt"}
-    if not section.checkpoint:
+    if untrained:
         files["curves"] = "curves.png"
     dim = outputs["test"]["embeddings"].shape[1]
     return StageResult(metrics, files, EmbeddingFacts(section.model, dim))
@@ -292,11 +281,17 @@ def distill_stage(
     student = _build(section.student, data)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
     cached = TeacherTargets(outputs["train"]["logits"][keep], outputs["train"]["embeddings"][keep])
-    teacher_model = None
+    live_teacher = None
     if section.train.augment:  # augmented batches need the teacher itself, not its cache
-        teacher_model = _build(teacher.facts.model, data)
-        teacher_model.model.load_state_dict(torch.load(teacher.file("model"), weights_only=True))
-        teacher_model.to(ctx.device)
+        facts = data.facts
+        live_teacher = reload_teacher(
+            teacher.facts.model,
+            teacher.file("model"),
+            len(facts.classes),
+            facts.channels,
+            min(facts.image_size),
+        )
+        live_teacher.to(ctx.device)
         cached = None
     needs_teacher = section.train.beta > 0 or section.train.baselines
     history = _fit(
@@ -307,7 +302,7 @@ def distill_stage(
         ctx,
         f"student {section.student}",
         keep,
-        teacher=teacher_model if needs_teacher else None,
+        teacher=live_teacher if needs_teacher else None,
         cached=cached if needs_teacher else None,
     )
     atomic_save(student.model.state_dict(), ctx.workdir / "student.pt")
