@@ -23,9 +23,9 @@ from edgepc.devices import ingest
 from edgepc.errors import ModelError
 from edgepc.export.bundle import MANIFEST, BundleError, read_manifest
 from edgepc.models import build_model
+from edgepc.models.teachers import load_weights
 from edgepc.pipelines import run
 from edgepc.pipelines.config import ConfigError, PipelineConfig, load_config
-from edgepc.pipelines.stages import load_teacher_weights
 from edgepc.tracking import sync
 from tests.conftest import bundle
 
@@ -241,5 +241,5 @@ def test_fuzzed_teacher_checkpoints_are_refused_in_one_line(payload):
         path = Path(scratch) / "teacher.pt"
         path.write_bytes(payload)
         with pytest.raises(ModelError, match=r"^cannot load teacher checkpoint") as error:
-            load_teacher_weights(build_model("tiny_cnn").model, path)
+            load_weights(build_model("tiny_cnn").model, path, "tiny_cnn")
     assert "\n" not in str(error.value)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from edgepc.data import fingerprint, load_dataset, load_image_folder, make_splits
-from edgepc.data.datasets import IDX_FILES, load_cifar, load_idx_dataset
+from edgepc.data.datasets import IDX_FILES, conform, load_cifar, load_idx_dataset
+from edgepc.data.datasets import write_image_folder as write_images
 from edgepc.data.idx import read_idx, write_idx
 from edgepc.errors import DatasetError
 
@@ -239,3 +240,53 @@ def test_real_fashion_mnist_from_the_debian_package(monkeypatch):
     assert d.test_images.shape == (10_000, 1, 28, 28)
     assert torch.bincount(d.test_labels).tolist() == [1000] * 10
     assert str(d.files[0]).startswith("/usr/share/datasets/fashion-mnist")
+
+
+def test_conform_resizes_and_converts_channels_only_where_asked():
+    rng = np.random.default_rng(0)
+    gray = torch.from_numpy(rng.integers(0, 256, (5, 1, 28, 28), dtype=np.uint8))
+    assert conform(gray, None, None) is gray
+    assert conform(gray, 28, 1) is gray  # already so
+    rgb = conform(gray, None, 3)
+    assert rgb.shape == (5, 3, 28, 28)
+    assert all(torch.equal(rgb[:, c], gray[:, 0]) for c in range(3))  # repeated
+    assert torch.equal(conform(rgb, None, 1), gray)  # luma of equal channels is the channel
+    colour = torch.from_numpy(rng.integers(0, 256, (4, 3, 9, 7), dtype=np.uint8))
+    pil = [np.asarray(Image.fromarray(x.permute(1, 2, 0).numpy()).convert("L")) for x in colour]
+    luma = conform(colour, None, 1, chunk=3)[:, 0].numpy().astype(int)
+    assert np.abs(luma - np.stack(pil).astype(int)).max() <= 1  # PIL's ITU-R 601, rounded
+    flat = torch.full((2, 1, 28, 28), 77, dtype=torch.uint8)
+    assert torch.equal(conform(flat, 96, 3), torch.full((2, 3, 96, 96), 77, dtype=torch.uint8))
+    assert conform(gray, (40, 30), None).shape == (5, 1, 40, 30)
+    down = conform(gray, 14, None, chunk=2)
+    expected = torch.nn.functional.interpolate(gray.float(), (14, 14), mode="bilinear",
+                                               antialias=True).round()  # fmt: skip
+    assert torch.equal(down, expected.to(torch.uint8))
+
+
+def test_every_dataset_loads_at_the_asked_size_and_channels(tmp_path):
+    write_mnist_like(tmp_path / "mnist")
+    d = load_dataset("mnist", root=tmp_path / "mnist", image_size=64, channels=3)
+    assert d.train_images.shape == (40, 3, 64, 64)
+    assert d.test_images.shape == (20, 3, 64, 64)
+    assert (d.channels, d.image_size) == (3, (64, 64))
+    write_image_folder(tmp_path / "pets")
+    folder = load_dataset("imagefolder", root=tmp_path / "pets", image_size=16, channels=1)
+    assert folder.train_images.shape == (12, 1, 16, 16)
+
+
+def test_a_dataset_written_as_an_image_folder_reads_back_the_same(tmp_path):
+    write_mnist_like(tmp_path / "mnist", n_train=30, n_test=10)
+    d = load_dataset("mnist", root=tmp_path / "mnist", image_size=36)
+    root = write_images(d, tmp_path / "folder")
+    assert sorted(p.name for p in (root / "train").iterdir())[:2] == ["0-0", "1-1"]
+    back = load_image_folder(root)
+    assert back.classes == tuple(f"{i}-{c}" for i, c in enumerate(d.classes))
+    index = torch.tensor([int(path.stem) for path in back.files[:30]])  # read class by class
+    assert sorted(index.tolist()) == list(range(30))
+    assert torch.equal(back.train_labels, d.train_labels[index])
+    assert torch.equal(conform(back.train_images, None, 1), d.train_images[index])
+    assert back.test_images.shape == (10, 3, 36, 36)
+    with pytest.raises(DatasetError, match="exists: remove it or pick another folder"):
+        write_images(d, root)
+    assert not list(tmp_path.glob(".folder*"))  # no temporary folder left

@@ -30,7 +30,7 @@ from edgepc.pipelines.deploy import (
     validate_stage,
     validation_table,
 )
-from edgepc.pipelines.stages import EmbeddingFacts, ExportFacts, StageContext, StageResult
+from edgepc.pipelines.stages import EmbeddingFacts, ExportFacts, Output, StageContext
 from edgepc_device.bundle import normalise
 from edgepc_device.runtimes import onnx_session_options, x86_without_vnni
 from tests.conftest import bundle
@@ -243,14 +243,15 @@ def test_validate_measures_the_bundles_and_the_gate_fails_clearly(tmp_path, setu
 
     latency = "validation.latency={warmup: 1, iterations: 6, block: 2}"
     config = load_config("cpu", overrides=[latency])
-    export = (tmp_path, StageResult({}, {}, ExportFacts([m.name for m in manifests], {})))
+    names = [m.name for m in manifests]
+    export = Output({}, {n: n for n in names}, ExportFacts("cpu", names, {}), tmp_path)
     ctx = StageContext(tmp_path / "validate", CPU, lambda m, s: None, False)
     ctx.workdir.mkdir()
-    fine = {
-        "distill": (tmp_path, StageResult({"test_top1": row["test_top1"]}, {}, EmbeddingFacts(8))),
-        "export": export,
-    }
-    result = validate_stage(config, fine, ctx)
+
+    def distill(top1: float) -> Output:
+        return Output({"test_top1": top1}, {}, EmbeddingFacts("tiny_cnn", 8), tmp_path)
+
+    result = validate_stage(config.validation, distill(row["test_top1"]), export, ctx)
     metrics = result.metrics
     assert metrics["int8_test_top1"] == row["test_top1"]
     assert metrics["int8_drop_points"] == 0.0
@@ -266,13 +267,9 @@ def test_validate_measures_the_bundles_and_the_gate_fails_clearly(tmp_path, setu
     # An fp32 student 5 points better than the weaker file: the gate stops the pipeline there.
     weaker = min(("fp32", "int8"), key=lambda p: metrics[f"{p}_test_top1"])
     top1 = metrics[f"{weaker}_test_top1"] + 0.05
-    better = {
-        **fine,
-        "distill": (tmp_path, StageResult({"test_top1": top1}, {}, EmbeddingFacts(8))),
-    }
     gate = rf"cpu-{weaker} loses 5.00 top-1 points .*validation.max_drop = 1.0"
     with pytest.raises(ValidationGateError, match=gate):
-        validate_stage(config, better, ctx)
+        validate_stage(config.validation, distill(top1), export, ctx)
 
 
 def test_the_validation_table_says_plainly_when_int8_is_slower():

@@ -38,6 +38,23 @@ def test_every_model_gives_logits_and_embedding(name, channels, size):
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [("resnet18", "conv1"), ("mobilenetv2_0.5", "features.0.0"), ("shufflenetv2_0.5", "conv1.0")],
+)
+def test_torchvision_zoo_models_keep_their_stride_2_stem_from_64_px(name, stem):
+    """Below 64 px the small-image stem (stride 1, no max-pool) keeps 28-px images from
+    shrinking to nothing; from 64 px the standard stem saves 4x the compute of every layer."""
+    for size, stride in ((28, 1), (63, 1), (64, 2), (96, 2)):
+        model = build_model(name, 10, 3, image_size=size).eval()
+        assert model.model.get_submodule(stem).stride == (stride, stride), (name, size)
+        pool = getattr(model.model, "maxpool", None)
+        assert pool is None or isinstance(pool, nn.Identity) == (stride == 1), (name, size)
+        logits, _ = model(torch.randn(2, 3, size, size))
+        assert logits.shape == (2, 10)
+    assert build_model("tiny_cnn", image_size=96).model.features[0].stride == (1, 1)  # its own
+
+
 def test_students_are_smaller_than_teachers():
     sizes = {name: n_params(build_model(name)) for name in MODELS}
     teachers = [sizes[n] for n, s in MODELS.items() if s.role == "teacher"]

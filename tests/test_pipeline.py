@@ -1,21 +1,26 @@
 """The pipeline end to end on a small real subset of Fashion-MNIST, with a real MLflow store."""
 
+import inspect
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import typing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from edgepc.data import load_dataset
 from edgepc.errors import TrainingError
 from edgepc.export.writers import ExportError
-from edgepc.pipelines.config import ConfigError, load_config, parse_override
+from edgepc.pipelines.config import ConfigError, PipelineConfig, load_config, parse_override
 from edgepc.pipelines.run import main
 from edgepc.pipelines.runner import STAGES, run_pipeline, stage_keys
-from edgepc.pipelines.stages import load_data
+from edgepc.pipelines.stages import EmbeddingFacts, Output, StageResult, load_data
 from edgepc.tracking import Tracker
 from tests.conftest import SMALL, mlflow_ui
 
@@ -88,7 +93,9 @@ def test_override_values_are_yaml():
 
 def test_test_limit_is_a_seeded_stratified_subset_that_every_stage_reads(small):
     def test_part(*overrides: str) -> tuple[torch.Tensor, torch.Tensor]:
-        dataset = load_data(load_config("cpu", overrides=list(overrides)))
+        config = load_config("cpu", overrides=list(overrides))
+        section = config.data
+        dataset = load_data(section.dataset, section.root, section.test_limit, config.seed)
         return dataset.test_images, dataset.test_labels
 
     assert len(test_part()[1]) == 10_000  # default: the whole test split
@@ -261,7 +268,8 @@ def test_ui_serves_the_store(tmp_path, store):
     ("content", "message"),
     [
         (b"garbage", "cannot load teacher checkpoint"),
-        (None, r"Error\(s\) in loading state_dict for TinyCNN"),  # another model's weights
+        # wrn16_4's weights for tiny_cnn
+        (None, r"weights do not fit tiny_cnn: 21 missing keys .*, 82 unexpected keys"),
     ],
 )
 def test_bad_teacher_checkpoint_is_a_model_error(tmp_path, store, content, message):
@@ -278,6 +286,39 @@ def test_bad_teacher_checkpoint_is_a_model_error(tmp_path, store, content, messa
         run_pipeline(config, tmp_path / "cache", store, progress=False, echo=lambda _: None)
     failed = store.client.search_runs([store.experiment_id], "attributes.status = 'FAILED'")
     assert {r.data.tags.get("edgepc.stage") for r in failed} >= {"teacher"}
+
+
+def test_each_stage_is_given_exactly_what_its_cache_key_covers():
+    """A stage takes its key's config sections (its own first, typed as in the config), then
+    its upstream stages' typed outputs, then the context: it cannot read a config key that its
+    cache key leaves out, so a change there cannot be missed by the cache."""
+    fields = PipelineConfig.model_fields
+    facts = {stage.name: stage.facts for stage in STAGES}
+    for stage in STAGES:
+        hints = typing.get_type_hints(stage.run)
+        names = list(inspect.signature(stage.run).parameters)
+        assert names == ["section", *stage.sections[1:], *stage.upstream, "ctx"], stage.name
+        assert hints["section"] is fields[stage.sections[0]].annotation, stage.name
+        for key in stage.sections[1:]:
+            assert hints[key] is fields[key].annotation, stage.name
+        for upstream in stage.upstream:
+            assert hints[upstream] == Output[facts[upstream]], (stage.name, upstream)
+        assert hints["return"] == StageResult[stage.facts], stage.name
+
+
+def test_a_result_whose_facts_this_version_does_not_hand_on_runs_again(tmp_path):
+    from edgepc.pipelines.runner import _load_result, _save_result
+
+    stage = next(stage for stage in STAGES if stage.name == "distill")
+    _save_result(tmp_path, StageResult({"test_top1": 0.5}, {"model": "student.pt"},
+                                       EmbeddingFacts("tiny_cnn", 32)))  # fmt: skip
+    loaded = _load_result(stage, tmp_path)
+    assert loaded == Output({"test_top1": 0.5}, {"model": "student.pt"},
+                            EmbeddingFacts("tiny_cnn", 32), tmp_path)  # fmt: skip
+    assert loaded.file("model") == tmp_path / "student.pt"
+    older = {"metrics": {}, "files": {}, "facts": {"embedding_dim": 32}}  # before "model"
+    (tmp_path / "result.json").write_text(json.dumps(older))
+    assert _load_result(stage, tmp_path) is None
 
 
 def test_an_option_added_later_leaves_stage_keys_alone_at_its_default():
@@ -314,3 +355,46 @@ def test_a_teacher_checkpoint_is_keyed_by_its_bytes_not_its_path(tmp_path):
     assert teacher_key(tmp_path / "a" / "t.pt") != teacher_key(tmp_path / "b.pt")
     # A file that cannot be read keeps its path in the key; loading it then fails clearly.
     assert teacher_key(tmp_path / "none.pt") != teacher_key(tmp_path / "b.pt")
+
+
+@pytest.mark.slow
+def test_a_64_px_rgb_image_folder_goes_through_every_stage_and_onto_the_device(tmp_path, store):
+    """Fashion-MNIST written as 64-px RGB PNGs: the size and the channels reach the models (the
+    standard stride-2 stems), the bundles, the runtimes and the on-device check."""
+    from edgepc.data.datasets import conform, write_image_folder
+    from edgepc.export.bundle import read_manifest
+
+    fmnist = load_dataset("fashion-mnist", download=False)
+    keep = {"train": slice(0, 900), "test": slice(0, 200)}
+    rgb = replace(
+        fmnist,
+        train_images=conform(fmnist.train_images[keep["train"]], 64, 3),
+        train_labels=fmnist.train_labels[keep["train"]],
+        test_images=conform(fmnist.test_images[keep["test"]], 64, 3),
+        test_labels=fmnist.test_labels[keep["test"]],
+    )
+    root = write_image_folder(rgb, tmp_path / "fashion-64")
+    folder = ["data.dataset=imagefolder", f"data.root={root}", "data.val_fraction=0.1",
+              "data.train_limit=null", "distill.train.epochs=3"]  # fmt: skip
+    cache, rows = tmp_path / "cache", {}
+    for target in ("cpu", "mobile"):
+        config = load_config(target, overrides=[*SMALL, *folder])
+        report = run_pipeline(config, cache, store, progress=False, echo=lambda _: None)
+        assert [s.status for s in report.stages][-4:] == ["ran"] * 4
+        rows |= report.rows
+        for name, row in report.rows.items():
+            assert row["test_top1"] > 0.2, (name, row)  # chance 0.1, 2·SE 0.04 at 200 images
+            manifest = read_manifest(next(cache.glob(f"export-*/{name}")))
+            shape = manifest.input.shape
+            assert shape[1:] == ([64, 64, 3] if manifest.input.layout == "NHWC" else [3, 64, 64])
+    data = json.loads(next(cache.glob("data-*/result.json")).read_text())["facts"]
+    assert (data["channels"], data["image_size"]) == (3, [64, 64])
+    bundle = next(cache.glob("export-*/cpu-int8"))
+    out = tmp_path / "report.json"
+    command = [sys.executable, "-m", "edgepc_device", "cpu", str(bundle), "--out", str(out),
+               "--iterations", "20"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    device = json.loads(out.read_text())["accuracy"]
+    assert device["images"] == 200
+    assert device["top1"] == rows["cpu-int8"]["test_top1"]  # the validate stage's

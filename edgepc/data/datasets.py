@@ -11,16 +11,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import re
 import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from edgepc.data.idx import read_idx
 from edgepc.errors import DatasetError
@@ -344,6 +346,38 @@ def load_image_folder(
     )
 
 
+def write_image_folder(
+    dataset: ImageDataset, root: Path, progress: Callable[[Iterable], Iterable] = iter
+) -> Path:
+    """``dataset`` as PNG files in ``root/train/<class>/`` and ``root/test/<class>/``, which
+    :func:`load_image_folder` reads back as the same images (grayscale as RGB, three equal
+    channels), labels and class order (class folders are numbered: ``03-Dress``). Written under
+    a temporary name, then renamed: ``root`` is either complete or absent."""
+    from PIL import Image
+
+    if root.exists():
+        raise DatasetError(f"{root} exists: remove it or pick another folder")
+    width = len(str(len(dataset.classes) - 1))
+    names = [f"{i:0{width}d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', c)}"
+             for i, c in enumerate(dataset.classes)]  # fmt: skip
+    temporary = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    try:
+        for part, images, labels in (
+            ("train", dataset.train_images, dataset.train_labels),
+            ("test", dataset.test_images, dataset.test_labels),
+        ):
+            for name in names:
+                (temporary / part / name).mkdir(parents=True)
+            for i in progress(range(len(labels))):
+                pixels = images[i].permute(1, 2, 0).numpy()
+                image = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+                image.save(temporary / part / names[int(labels[i])] / f"{i:06d}.png")
+        temporary.rename(root)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return root
+
+
 def stratified_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
     """Sorted indices of a seeded ``fraction`` of each class (at least one where it has two)."""
     gen = torch.Generator().manual_seed(seed)
@@ -354,6 +388,37 @@ def stratified_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
         take = max(take, 1) if len(members) > 1 and fraction > 0 else take
         chosen.append(members[torch.randperm(len(members), generator=gen)[:take]])
     return torch.cat(chosen).sort().values
+
+
+# --- one shape for every dataset ------------------------------------------------------------
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's convert("L") uses
+
+
+Size = int | tuple[int, int]  # size × size, or (height, width)
+
+
+def conform(images: Tensor, size: Size | None, channels: int | None, chunk: int = 2048) -> Tensor:
+    """uint8 (N, C, H, W) images at ``size`` (bilinear, antialiased) with ``channels``
+    (grayscale repeated to RGB, RGB to luma); None keeps what they have. Done ``chunk`` images
+    at a time, so the float copy stays small."""
+    n, c, h, w = images.shape
+    out_hw = (h, w) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+    out_c = channels or c
+    if (out_hw, out_c) == ((h, w), c):
+        return images
+    out = torch.empty((n, out_c, *out_hw), dtype=torch.uint8)
+    luma = torch.tensor(LUMA).view(1, 3, 1, 1)
+    for start in range(0, n, chunk):
+        x = images[start : start + chunk].float()
+        if (h, w) != out_hw:
+            x = F.interpolate(x, out_hw, mode="bilinear", antialias=True, align_corners=False)
+        if out_c == 1 and c == 3:
+            x = (x * luma).sum(1, keepdim=True)
+        elif out_c == 3 and c == 1:
+            x = x.expand(-1, 3, -1, -1)
+        out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 # --- by name ---------------------------------------------------------------------------------
@@ -368,14 +433,28 @@ LOADERS: dict[str, Callable[..., ImageDataset]] = {
 }
 
 
-def load_dataset(name: str, root: Path | None = None, download: bool = True) -> ImageDataset:
-    """The dataset called ``name``: fashion-mnist, mnist, cifar10, cifar100 or imagefolder."""
+def load_dataset(
+    name: str,
+    root: Path | None = None,
+    download: bool = True,
+    image_size: Size | None = None,
+    channels: int | None = None,
+) -> ImageDataset:
+    """The dataset called ``name`` (fashion-mnist, mnist, cifar10, cifar100 or imagefolder), its
+    images at ``image_size`` with ``channels`` (None: as stored)."""
     if name == "imagefolder":
         if root is None:
             raise DatasetError("imagefolder needs a root: the folder of class sub-folders")
-        return load_image_folder(root)
-    if name not in LOADERS:
+        size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        dataset = load_image_folder(root, size)
+    elif name in LOADERS:
+        dataset = LOADERS[name](root=root, download=download)
+    else:
         raise DatasetError(
             f"unknown dataset {name!r}: choose one of {', '.join([*LOADERS, 'imagefolder'])}"
         )
-    return LOADERS[name](root=root, download=download)
+    return replace(
+        dataset,
+        train_images=conform(dataset.train_images, image_size, channels),
+        test_images=conform(dataset.test_images, image_size, channels),
+    )

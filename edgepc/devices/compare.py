@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from edgepc.errors import EdgepcError
+from edgepc.errors import EdgepcError, one_line_errors
 from edgepc.files import save_figure
 from edgepc.tracking import Tracker
 
@@ -84,25 +84,22 @@ def plot(rows: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgepc.devices.compare", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("devices-compare.png"))
     args = parser.parse_args(argv)
-    try:
-        tracker = Tracker()
-        rows = collect(tracker.runs.of_stage("export"))
-        if not rows:
-            raise EdgepcError(
-                f"no device reports in {tracker.uri}: run python -m edgepc.devices.ingest first"
-            )
-        print(table(rows))
-        plot(rows, args.out)
-        for run_id in sorted({r["run_id"] for r in rows}):
-            tracker.attach(run_id, {}, {}, {args.out: "devices"})
-        print(f"plot: {args.out} (also in each export run under devices/)")
-    except EdgepcError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    tracker = Tracker()
+    rows = collect(tracker.runs.of_stage("export"))
+    if not rows:
+        raise EdgepcError(
+            f"no device reports in {tracker.uri}: run python -m edgepc.devices.ingest first"
+        )
+    print(table(rows))
+    plot(rows, args.out)
+    for run_id in sorted({r["run_id"] for r in rows}):
+        tracker.attach(run_id, {}, {}, {args.out: "devices"})
+    print(f"plot: {args.out} (also in each export run under devices/)")
     return 0
 
 

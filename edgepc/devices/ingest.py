@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from edgepc.devices.report import ReportError, device_key, read_report, report_metrics
-from edgepc.errors import EdgepcError
+from edgepc.errors import one_line_errors
 from edgepc.tracking import Tracker
 
 
@@ -49,19 +49,16 @@ def ingest(path: Path, tracker: Tracker, device: str | None = None) -> tuple[str
     return run_id, key
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgepc.devices.ingest", description=__doc__)
     parser.add_argument("reports", nargs="+", type=Path, help="report.json files")
     parser.add_argument("--device", help="device name to file them under (default: hostname)")
     args = parser.parse_args(argv)
-    try:
-        tracker = Tracker()
-        for path in args.reports:
-            run_id, key = ingest(path, tracker, args.device)
-            print(f"{path}: attached to run {run_id} as device {key!r}")
-    except EdgepcError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    tracker = Tracker()
+    for path in args.reports:
+        run_id, key = ingest(path, tracker, args.device)
+        print(f"{path}: attached to run {run_id} as device {key!r}")
     return 0
 
 

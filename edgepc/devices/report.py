@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from edgepc.errors import EdgepcError
+from edgepc.errors import EdgepcError, first_problem
 from edgepc_device.report import Report, Timing
 
 TIMINGS = tuple(f.name for f in dataclasses.fields(Timing) if f.name.endswith(("ms", "put")))
@@ -30,9 +30,7 @@ def read_report(path: Path) -> Report:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ReportError(f"{path} is not valid JSON ({error})") from None
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ReportError(f"{path} is not a device report: {where}: {first['msg']}") from None
+        raise ReportError(f"{path} is not a device report: {first_problem(error)}") from None
 
 
 def device_key(name: str) -> str:

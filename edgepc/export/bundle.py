@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from edgepc import __version__
+from edgepc.errors import first_problem
 from edgepc.export.writers import ExportError
 from edgepc.files import atomic_path, write_text
 from edgepc.targets import TargetName, get_target
@@ -142,9 +143,7 @@ def read_manifest(folder: Path, verify: bool = True) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{path} is not valid JSON ({error}): export the bundle again") from None
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BundleError(f"{path}: {where}: {first['msg']}: export the bundle again") from None
+        raise BundleError(f"{path}: {first_problem(error)}: export the bundle again") from None
     for name in (manifest.model, manifest.testset):
         manifest.entry(name)
     if verify:

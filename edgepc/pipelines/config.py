@@ -82,6 +82,9 @@ class DataSection(Section):
     train_limit: int | None = Field(None, ge=10)
     # A seeded stratified subset of the test split that every stage evaluates on (None: all).
     test_limit: int | None = Field(None, ge=10)
+    # Every image resized to image_size × image_size, with this many channels (None: as stored).
+    image_size: int | None = Field(None, ge=8, le=1024)
+    channels: Literal[1, 3] | None = None
 
 
 class TeacherSection(Section):

@@ -33,10 +33,19 @@ from edgepc.export.runtimes import open_runtime
 from edgepc.export.writers import ExportError
 from edgepc.files import write_text
 from edgepc.measure import interleaved_latency_by_threads
-from edgepc.pipelines.config import LatencySection, PipelineConfig
+from edgepc.pipelines.config import (
+    ExportSection,
+    LatencySection,
+    RegisterSection,
+    ValidateSection,
+)
 from edgepc.pipelines.plots import plot_validation
 from edgepc.pipelines.stages import (
+    DataFacts,
+    EmbeddingFacts,
     ExportFacts,
+    Output,
+    QATFacts,
     RegisterFacts,
     StageContext,
     StageResult,
@@ -56,8 +65,8 @@ class ValidationGateError(EdgepcError):
     """An artifact loses more accuracy in its runtime than the pipeline allows."""
 
 
-def _bundle_names(config: PipelineConfig) -> list[str]:
-    return [f"{config.target}-{a}" for a in SOURCES if a != "int8-ptq" or config.export.ptq]
+def _bundle_names(target: str, ptq: bool) -> list[str]:
+    return [f"{target}-{a}" for a in SOURCES if a != "int8-ptq" or ptq]
 
 
 def _engine(target: str, folder: Path, input_shape: list[int], int8: bool) -> Engine | None:
@@ -78,14 +87,18 @@ def _engine(target: str, folder: Path, input_shape: list[int], int8: bool) -> En
     return Engine(status="built", path="model.engine", **commands)
 
 
-def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
-    data_dir, data = upstream["data"]
-    teacher_dir, teacher = upstream["teacher"]
-    qat_dir, qat = upstream["qat"]
-    prepared = prepare_data(config, data, data_dir)
-    section, target = config.export, config.target
+def export_stage(
+    section: ExportSection,
+    target: str,
+    data: Output[DataFacts],
+    teacher: Output[EmbeddingFacts],
+    distill: Output[EmbeddingFacts],
+    qat: Output[QATFacts],
+    ctx: StageContext,
+) -> StageResult[ExportFacts]:
+    prepared = prepare_data(data)
     test_images = prepared.dataset.test_images.numpy()
-    teacher_test = torch.load(teacher_dir / teacher.files["outputs"], weights_only=True)["test"]
+    teacher_test = torch.load(teacher.file("outputs"), weights_only=True)["test"]
     testset = write_testset(
         ctx.workdir / TESTSET,
         test_images,
@@ -95,14 +108,14 @@ def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> S
     norm = Normalise(mean=data.facts.mean, std=data.facts.std)
     x = normalise(test_images[: section.parity_size], norm.mean, norm.std)
     example = torch.from_numpy(x[:2])
-    fp32 = build_student(config, data, upstream["distill"]).eval()
+    fp32 = build_student(data, distill).eval()
     rows, failures, bundles = {}, {}, []
-    for name in tqdm(_bundle_names(config), desc="export", disable=not ctx.progress):
+    for name in tqdm(_bundle_names(target, section.ptq), desc="export", disable=not ctx.progress):
         source = SOURCES[name.removeprefix(f"{target}-")]
         model: torch.nn.Module = fp32
         if source != "fp32":
-            state = torch.load(qat_dir / qat.files[source], weights_only=True)
-            quant = restore(fp32, target, example, state, source == "qat", config.qat.weight_bits)
+            state = torch.load(qat.file(source), weights_only=True)
+            quant = restore(fp32, target, example, state, source == "qat", qat.facts.weight_bits)
             model = convert(quant)
         folder = ctx.workdir / name
         manifest = write_bundle(folder, model, example, target, source, testset, norm,
@@ -130,7 +143,7 @@ def export_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> S
         )
     metrics = {f"{_key(n, target)}_parity_{k}": v for n, r in rows.items() for k, v in r.items()}
     files = {name: name for name in bundles} | {"parity": "parity.md"}
-    return StageResult(metrics, files, ExportFacts(bundles, rows))
+    return StageResult(metrics, files, ExportFacts(target, bundles, rows))
 
 
 def _key(bundle: str, target: str) -> str:
@@ -183,16 +196,19 @@ def speed_ratios(rows: dict[str, dict[str, float]], target: str, threads: list[i
             row[f"speed_vs_fp32_{count}t"] = fp32[f"p50_ms_{count}t"] / row[f"p50_ms_{count}t"]
 
 
-def validate_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
-    export_dir, export = upstream["export"]
-    fp32_top1 = upstream["distill"][1].metrics["test_top1"]
-    section, target = config.validation, config.target
-    threads = section.latency.threads
+def validate_stage(
+    section: ValidateSection,
+    distill: Output[EmbeddingFacts],
+    export: Output[ExportFacts],
+    ctx: StageContext,
+) -> StageResult[ValidateFacts]:
+    fp32_top1 = distill.metrics["test_top1"]
+    target, threads = export.facts.target, section.latency.threads
     rows = {}
     for name in tqdm(export.facts.bundles, desc="validate", disable=not ctx.progress):
-        rows[name] = validate_bundle(export_dir / name, max(threads), ctx.progress)
+        rows[name] = validate_bundle(export.file(name), max(threads), ctx.progress)
         rows[name]["drop_points"] = 100 * (fp32_top1 - rows[name]["test_top1"])
-    folders = [export_dir / name for name in rows]
+    folders = [export.file(name) for name in rows]
     for name, timing in time_bundles(folders, section.latency).items():
         rows[name] |= timing
     speed_ratios(rows, target, threads)
@@ -252,28 +268,36 @@ def validation_table(
     return "\n".join(lines) + "\n"
 
 
-def register_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
+def register_stage(
+    section: RegisterSection,
+    name: str,
+    export: Output[ExportFacts],
+    validate: Output[ValidateFacts],
+    ctx: StageContext,
+) -> StageResult[RegisterFacts]:
     """Every validated bundle as a version of the pipeline's registered model, alias = name."""
-    export_dir, export = upstream["export"]
-    rows = upstream["validate"][1].facts.rows
+    rows = validate.facts.rows
     if ctx.registry is None:
         raise EdgepcError("the register stage needs an MLflow tracker (run it through the runner)")
-    model = config.registry.model or f"edgepc-{config.name}"
+    model = section.model or f"edgepc-{name}"
     versions = {}
-    for name in export.facts.bundles:
-        folder = export_dir / name
+    for bundle in export.facts.bundles:
+        folder = export.file(bundle)
         manifest = read_manifest(folder)
-        if name not in rows:
-            raise BundleError(f"{name} has no validation row: run the validate stage again")
+        if bundle not in rows:
+            raise BundleError(f"{bundle} has no validation row: run the validate stage again")
         entry = manifest.entry(manifest.model)
         tags = {"edgepc.target": manifest.target, "edgepc.precision": manifest.precision,
                 "edgepc.source": manifest.source, "edgepc.sha256": entry.sha256}  # fmt: skip
-        tags |= {f"edgepc.{k}": f"{v:.6g}" for k, v in rows[name].items()}
+        tags |= {f"edgepc.{k}": f"{v:.6g}" for k, v in rows[bundle].items()}
         description = (
             f"{manifest.target} {manifest.precision} ({manifest.source}) for {manifest.runtime}: "
-            f"top-1 {rows[name]['test_top1']:.4f}, {entry.bytes / 2**20:.2f} MB"
+            f"top-1 {rows[bundle]['test_top1']:.4f}, {entry.bytes / 2**20:.2f} MB"
         )
-        versions[name] = ctx.registry.register(model, name, folder, entry.sha256, tags, description)
-    metrics = {f"{_key(n, config.target)}_version": float(v) for n, v in versions.items()
+        versions[bundle] = ctx.registry.register(
+            model, bundle, folder, entry.sha256, tags, description
+        )
+    target = export.facts.target
+    metrics = {f"{_key(n, target)}_version": float(v) for n, v in versions.items()
                if v.isdigit()}  # not while the store is down  # fmt: skip
     return StageResult(metrics, {}, RegisterFacts(model, versions))

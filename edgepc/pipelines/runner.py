@@ -26,6 +26,7 @@ from edgepc.distill.distributed import barrier, broadcast, local_device, rank
 from edgepc.errors import EdgepcError
 from edgepc.files import remove_stale_temporaries, write_text
 from edgepc.hardware import describe, pick_device
+from edgepc.models.teachers import is_program
 from edgepc.pipelines.config import PipelineConfig
 from edgepc.pipelines.deploy import export_stage, register_stage, validate_stage
 from edgepc.pipelines.stages import (
@@ -33,6 +34,7 @@ from edgepc.pipelines.stages import (
     EmbeddingFacts,
     ExportFacts,
     Facts,
+    Output,
     QATFacts,
     RegisterFacts,
     StageContext,
@@ -48,15 +50,16 @@ from edgepc.tracking import NoTracking, Tracker, Tracking, flatten, git_commit
 if TYPE_CHECKING:
     import torch
 
-StageFn = Callable[[PipelineConfig, dict, StageContext], StageResult]
-
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage is called as ``run(*sections, *upstream outputs, ctx)``: the config sections its
+    cache key is built from, in this order, then the outputs of its upstream stages."""
+
     name: str
-    run: StageFn
+    run: Callable[..., StageResult]
     facts: type[Facts]  # what it hands downstream besides metrics and files
-    sections: tuple[str, ...]  # config sections (and top-level keys) it depends on
+    sections: tuple[str, ...]  # its config section first, then the top-level keys it reads
     upstream: tuple[str, ...]
     cached: bool = True  # False: runs every time (its effect lives outside the cache)
 
@@ -121,6 +124,8 @@ KEY_NEUTRAL_DEFAULTS = {
     "neighbourhood": None,
     "queue": None,
     "weight_bits": 8,  # the 8-bit weights every target had before (cpu now defaults to 7)
+    "image_size": None,
+    "channels": None,
 }
 
 
@@ -143,8 +148,11 @@ def _file_digest(path: str) -> str:
 
 def stage_key(stage: Stage, config: PipelineConfig, upstream_keys: list[str]) -> str:
     dumped = _key_content(config.model_dump(mode="json"))
-    if dumped["teacher"]["checkpoint"]:  # the weights, not where they lie, decide the teacher
-        dumped["teacher"]["checkpoint"] = _file_digest(dumped["teacher"]["checkpoint"])
+    teacher = dumped["teacher"]  # the weights, not where they lie, decide the teacher
+    if teacher["checkpoint"]:
+        teacher["checkpoint"] = _file_digest(teacher["checkpoint"])
+    if is_program(teacher["model"]):
+        teacher["model"] = _file_digest(teacher["model"])
     content = {
         "stage": stage.name,
         "config": {s: dumped[s] for s in stage.sections},
@@ -164,12 +172,18 @@ def stage_keys(config: PipelineConfig) -> dict[str, str]:
     return keys
 
 
-def _load_result(stage: Stage, workdir: Path) -> StageResult | None:
+def _load_result(stage: Stage, workdir: Path) -> Output | None:
+    """The stage's saved result; None when there is none, or when its facts are not the ones
+    this edgepc hands downstream (written by an older version): the stage then runs again."""
     path = workdir / "result.json"
     if not path.is_file():
         return None
     raw = json.loads(path.read_text())
-    return StageResult(raw["metrics"], raw["files"], stage.facts(**raw["facts"]))
+    try:
+        facts = stage.facts(**raw["facts"])
+    except TypeError:
+        return None
+    return Output(raw["metrics"], raw["files"], facts, workdir)
 
 
 def _save_result(workdir: Path, result: StageResult) -> None:
@@ -205,7 +219,7 @@ def run_pipeline(
     device = local_device(pick_device(config.device))
     reports: list[StageReport] = []
     keys = stage_keys(config)
-    done: dict[str, tuple[Path, StageResult]] = {}
+    done: dict[str, Output] = {}
     tags = {"edgepc.target": config.target, "edgepc.git_commit": git_commit(),
             "edgepc.device": describe(device), "edgepc.version": __version__,
             **(tags or {})}  # fmt: skip
@@ -223,11 +237,11 @@ def run_pipeline(
             params = flatten({s: dumped[s] for s in stage.sections}, f"{stage.name}.")
             stage_tags = {**tags, "edgepc.stage": stage.name, "edgepc.cache_key": keys[stage.name]}
             if "data" in done:
-                stage_tags["edgepc.dataset_fingerprint"] = done["data"][1].facts.fingerprint
+                stage_tags["edgepc.dataset_fingerprint"] = done["data"].facts.fingerprint
             started = time.perf_counter()
             status = str(broadcast("cached" if result is not None else "ran"))  # rank 0's word
             with tracker.run(stage.name, {**stage_tags, "edgepc.status": status}, params) as rid:
-                upstream = {u: done[u] for u in stage.upstream}
+                upstream = [done[u] for u in stage.upstream]
                 if status == "ran" and leader:
                     echo(f"[{stage.name}] running in {workdir}")
                     result = _run_stage(stage, config, upstream, workdir, device, tracker,
@@ -251,12 +265,12 @@ def run_pipeline(
                 result = _load_result(stage, workdir)
                 if result is None:
                     raise EdgepcError(f"rank 0 left no result for stage {stage.name} in {workdir}")
-            done[stage.name] = (workdir, result)
+            done[stage.name] = result
             seconds = time.perf_counter() - started
             reports.append(StageReport(stage.name, status, seconds, result.metrics, rid))
         tracker.log_metrics({f"{r.stage}.{k}": v for r in reports for k, v in r.metrics.items()})
         tracker.log_metrics({f"{r.stage}.seconds": r.seconds for r in reports})
-    rows = done["validate"][1].facts.rows if "validate" in done else {}
+    rows = done["validate"].facts.rows if "validate" in done else {}
     device_name = tags["edgepc.device"]
     return PipelineReport(
         config.name, parent or "", tracker.uri, reports, artifacts_table(done), rows, device_name
@@ -266,26 +280,27 @@ def run_pipeline(
 def _run_stage(
     stage: Stage,
     config: PipelineConfig,
-    upstream: dict[str, tuple[Path, StageResult]],
+    upstream: list[Output],
     workdir: Path,
     device: torch.device,
     tracker: Tracking,
     progress: bool,
     run_id: str | None,
-) -> StageResult:
+) -> Output:
     """One stage in ``workdir`` (resuming what an interrupted run left there): its result saved
     last, its files logged to the stage's run."""
     workdir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(workdir)  # of a run killed in this stage
     log = lambda metrics, step: tracker.log_metrics(metrics, step)  # noqa: E731
     ctx = StageContext(workdir, device, log, progress, run_id, tracker)
-    result = stage.run(config, upstream, ctx)
+    sections = [getattr(config, name) for name in stage.sections]
+    result = stage.run(*sections, *upstream, ctx)
     _save_result(workdir, result)
     for name in result.files.values():
         path = workdir / name
         if path.is_dir() or path.stat().st_size < 64 * 2**20:
             tracker.log_artifact(path, f"{stage.name}/{name}" if path.is_dir() else stage.name)
-    return result
+    return Output(result.metrics, result.files, result.facts, workdir)
 
 
 @contextlib.contextmanager
@@ -320,15 +335,14 @@ def _stages(until: str | None) -> tuple[Stage, ...]:
     return STAGES[: names.index(until) + 1] if until else STAGES
 
 
-def artifacts_table(done: dict[str, tuple[Path, StageResult]]) -> str:
+def artifacts_table(done: dict[str, Output]) -> str:
     """Every artifact with its runtime accuracy, coherence, latency and size, and where it is."""
     if "validate" not in done:
         return ""
-    table = done["validate"][1].facts.table
-    export_dir = done["export"][0]
-    lines = [table.rstrip(), "", f"bundles: {export_dir}/<artifact>"]
+    table = done["validate"].facts.table
+    lines = [table.rstrip(), "", f"bundles: {done['export'].workdir}/<artifact>"]
     if "register" in done:
-        facts = done["register"][1].facts
+        facts = done["register"].facts
         aliases = ", ".join(f"@{a} ({'v' if v.isdigit() else ''}{v})"
                             for a, v in facts.versions.items())  # fmt: skip
         lines.append(f"registered as {facts.model}: {aliases}")

@@ -1,7 +1,10 @@
-"""The pipeline's stages: each a function of (config, upstream results, context) -> result.
+"""The pipeline's stages: each a function of its config section (and the top-level keys it
+reads), the typed outputs of its upstream stages and a context, to a typed result.
 
-Stages write their files into ``context.workdir`` and report metrics through
-``context.log``; they never touch MLflow or the cache (the runner owns both).
+A stage reads nothing else of the config: what it is given is what its cache key covers (the
+runner passes exactly the sections the key is built from). Stages write their files into
+``context.workdir`` and report metrics through ``context.log``; they never touch MLflow or the
+cache (the runner owns both).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 
@@ -19,12 +23,19 @@ from edgepc.data.datasets import ImageDataset, stratified_subset
 from edgepc.distill.evaluate import better_than_chance, evaluate_embeddings, linear_probe, predict
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
-from edgepc.errors import ModelError, TrainingError
+from edgepc.errors import TrainingError
 from edgepc.files import write_text
 from edgepc.models import EmbeddingModel, build_model
-from edgepc.pipelines.config import PipelineConfig, TrainSection
+from edgepc.models.teachers import ProgramTeacher, reload_teacher, save_teacher, teacher_model
+from edgepc.pipelines.config import (
+    DataSection,
+    DistillSection,
+    QATSection,
+    TeacherSection,
+    TrainSection,
+)
 from edgepc.pipelines.plots import plot_history, plot_qat
-from edgepc.quant import finetune, quantized
+from edgepc.quant import finetune, quantized, recipes
 from edgepc.tracking import Tracking
 
 
@@ -42,6 +53,10 @@ class StageContext:
 # the stage's result.json.
 @dataclass(frozen=True)
 class DataFacts:
+    dataset: str  # where the data comes from, to load it again downstream
+    root: str | None
+    test_limit: int | None
+    seed: int
     fingerprint: str
     classes: list[str]
     channels: int
@@ -53,17 +68,20 @@ class DataFacts:
 
 @dataclass(frozen=True)
 class EmbeddingFacts:  # teacher, distill
+    model: str  # the architecture, to build it again downstream
     embedding_dim: int
 
 
 @dataclass(frozen=True)
 class QATFacts:
     target: str
+    weight_bits: int
     table: dict[str, dict[str, float]]  # model -> its test metrics
 
 
 @dataclass(frozen=True)
 class ExportFacts:
+    target: str
     bundles: list[str]
     parity: dict[str, dict[str, float]]  # bundle -> its parity with PyTorch
 
@@ -81,15 +99,26 @@ class RegisterFacts:
 
 
 Facts = DataFacts | EmbeddingFacts | QATFacts | ExportFacts | ValidateFacts | RegisterFacts
+F = TypeVar("F", DataFacts, EmbeddingFacts, QATFacts, ExportFacts, ValidateFacts, RegisterFacts)
 
 
 @dataclass
-class StageResult:
+class StageResult(Generic[F]):
     """What a stage hands downstream: key metrics, its files (relative to its workdir), facts."""
 
     metrics: dict[str, float]
     files: dict[str, str]
-    facts: Facts
+    facts: F
+
+
+@dataclass
+class Output(StageResult[F]):
+    """A finished stage as the stages after it see it: its result and the folder it lies in."""
+
+    workdir: Path
+
+    def file(self, key: str) -> Path:
+        return self.workdir / self.files[key]
 
 
 @dataclass(frozen=True)
@@ -101,34 +130,43 @@ class PreparedData:
     norm: Normalisation
 
 
-def load_data(config: PipelineConfig) -> ImageDataset:
-    """The configured dataset, its test part cut to ``data.test_limit`` (a seeded stratified
-    subset, the same in every stage)."""
-    section = config.data
-    dataset = load_dataset(section.dataset, Path(section.root) if section.root else None)
-    labels = dataset.test_labels
-    if section.test_limit is None or section.test_limit >= len(labels):
-        return dataset
-    keep = stratified_subset(labels, section.test_limit / len(labels), config.seed + 3)
-    return replace(dataset, test_images=dataset.test_images[keep], test_labels=labels[keep])
+def load_data(
+    dataset: str,
+    root: str | None,
+    test_limit: int | None,
+    seed: int,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> ImageDataset:
+    """A dataset at ``image_size`` with ``channels`` (None: as stored), its test part cut to
+    ``test_limit`` images (a stratified subset of the pipeline's ``seed``, the same in every
+    stage)."""
+    loaded = load_dataset(dataset, Path(root) if root else None, True, image_size, channels)
+    labels = loaded.test_labels
+    if test_limit is None or test_limit >= len(labels):
+        return loaded
+    keep = stratified_subset(labels, test_limit / len(labels), seed + 3)
+    return replace(loaded, test_images=loaded.test_images[keep], test_labels=labels[keep])
 
 
-def prepare_data(config: PipelineConfig, data: StageResult, workdir: Path) -> PreparedData:
+def prepare_data(data: Output[DataFacts]) -> PreparedData:
     """The dataset and the data stage's split, loaded again for a downstream stage."""
-    dataset = load_data(config)
-    splits = torch.load(workdir / data.files["splits"], weights_only=True)
-    norm = Normalisation(tuple(data.facts.mean), tuple(data.facts.std))
+    facts = data.facts
+    size, channels = tuple(facts.image_size), facts.channels  # what the data stage gave
+    dataset = load_data(facts.dataset, facts.root, facts.test_limit, facts.seed, size, channels)
+    splits = torch.load(data.file("splits"), weights_only=True)
+    norm = Normalisation(tuple(facts.mean), tuple(facts.std))
     return PreparedData(dataset, splits["train"], splits["val"], splits["calibration"], norm)
 
 
-def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
-    section = config.data
-    dataset = load_data(config)
+def data_stage(section: DataSection, seed: int, ctx: StageContext) -> StageResult[DataFacts]:
+    dataset = load_data(section.dataset, section.root, section.test_limit, seed,
+                        section.image_size, section.channels)  # fmt: skip
     splits = make_splits(
         dataset.train_labels,
         section.val_fraction,
         section.calibration_size,
-        config.seed,
+        seed,
         section.train_limit,
     )
     mean, std = channel_stats(dataset.train_images[splits.train])
@@ -137,7 +175,8 @@ def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Sta
         ctx.workdir / "splits.pt",
     )
     counts = torch.bincount(dataset.train_labels[splits.train], minlength=len(dataset.classes))
-    facts = DataFacts(fingerprint(dataset), list(dataset.classes), dataset.channels,
+    facts = DataFacts(section.dataset, section.root, section.test_limit, seed,
+                      fingerprint(dataset), list(dataset.classes), dataset.channels,
                       list(dataset.image_size), mean, std, counts.tolist())  # fmt: skip
     write_text(ctx.workdir / "data.json", json.dumps(asdict(facts), indent=2))
     metrics = {
@@ -149,8 +188,9 @@ def data_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Sta
     return StageResult(metrics, {"splits": "splits.pt", "summary": "data.json"}, facts)
 
 
-def _build(name: str, data: StageResult) -> EmbeddingModel:
-    return build_model(name, len(data.facts.classes), data.facts.channels)
+def _build(name: str, data: Output[DataFacts]) -> EmbeddingModel:
+    facts = data.facts
+    return build_model(name, len(facts.classes), facts.channels, min(facts.image_size))
 
 
 def subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
@@ -188,31 +228,20 @@ def _fit(
     return history
 
 
-def load_teacher_weights(model: torch.nn.Module, path: Path) -> None:
-    """The state dict in ``path`` into ``model``; a one-line :class:`ModelError` for a file that
-    is missing, damaged, hostile or of another model."""
-    try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as error:  # torch raises many types for a damaged file
-        first = (str(error).splitlines() or [""])[0]
-        raise ModelError(
-            f"cannot load teacher checkpoint {path} ({type(error).__name__}: {first}): give a "
-            "state dict saved with torch.save(model.state_dict()) for teacher.model"
-        ) from None
-
-
-def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
-    data_dir, data = upstream["data"]
-    prepared = prepare_data(config, data, data_dir)
-    section = config.teacher
-    torch.manual_seed(config.seed)
-    teacher = _build(section.model, data)
+def teacher_stage(
+    section: TeacherSection, seed: int, data: Output[DataFacts], ctx: StageContext
+) -> StageResult[EmbeddingFacts]:
+    prepared = prepare_data(data)
+    torch.manual_seed(seed)
+    facts, checkpoint = data.facts, Path(section.checkpoint) if section.checkpoint else None
+    teacher, untrained = teacher_model(section.model, len(facts.classes), facts.channels,
+                                       min(facts.image_size), checkpoint)  # fmt: skip
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
-    if section.checkpoint:
-        load_teacher_weights(teacher.model, Path(section.checkpoint))
-    else:
-        _fit(teacher, prepared, section.train, config.seed, ctx, f"teacher {section.model}")
-    atomic_save(teacher.model.state_dict(), ctx.workdir / "teacher.pt")
+    if isinstance(teacher, ProgramTeacher):
+        teacher.check(prepared.norm.apply(images[prepared.train[:3]]), len(facts.classes))
+    if untrained:  # no weights, or a new head for these classes
+        _fit(teacher, prepared, section.train, seed, ctx, f"teacher {section.model}")
+    files = {"model": save_teacher(teacher, ctx.workdir), "outputs": "teacher_outputs.pt"}
     outputs = {}
     for part, x in (
         ("train", images[prepared.train]),
@@ -231,31 +260,38 @@ def teacher_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
         labels[prepared.train],
     )
     metrics = {f"test_{k}": v for k, v in metrics.items()}
-    files = {"model": "teacher.pt", "outputs": "teacher_outputs.pt"}
-    if not section.checkpoint:
+    if untrained:
         files["curves"] = "curves.png"
-    return StageResult(metrics, files, EmbeddingFacts(outputs["test"]["embeddings"].shape[1]))
+    dim = outputs["test"]["embeddings"].shape[1]
+    return StageResult(metrics, files, EmbeddingFacts(section.model, dim))
 
 
-def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
-    data_dir, data = upstream["data"]
-    teacher_dir, teacher = upstream["teacher"]
-    prepared = prepare_data(config, data, data_dir)
-    outputs = torch.load(teacher_dir / teacher.files["outputs"], weights_only=True)
-    section = config.distill
-    seed = config.seed if section.seed is None else section.seed
+def distill_stage(
+    section: DistillSection,
+    seed: int,
+    data: Output[DataFacts],
+    teacher: Output[EmbeddingFacts],
+    ctx: StageContext,
+) -> StageResult[EmbeddingFacts]:
+    prepared = prepare_data(data)
+    outputs = torch.load(teacher.file("outputs"), weights_only=True)
+    keep = subset(len(prepared.train), section.train_limit, seed)  # the pipeline's seed
+    seed = seed if section.seed is None else section.seed
     torch.manual_seed(seed)
     student = _build(section.student, data)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
-    keep = subset(len(prepared.train), section.train_limit, config.seed)
     cached = TeacherTargets(outputs["train"]["logits"][keep], outputs["train"]["embeddings"][keep])
-    teacher_model = None
+    live_teacher = None
     if section.train.augment:  # augmented batches need the teacher itself, not its cache
-        teacher_model = _build(config.teacher.model, data)
-        teacher_model.model.load_state_dict(
-            torch.load(teacher_dir / teacher.files["model"], weights_only=True)
+        facts = data.facts
+        live_teacher = reload_teacher(
+            teacher.facts.model,
+            teacher.file("model"),
+            len(facts.classes),
+            facts.channels,
+            min(facts.image_size),
         )
-        teacher_model.to(ctx.device)
+        live_teacher.to(ctx.device)
         cached = None
     needs_teacher = section.train.beta > 0 or section.train.baselines
     history = _fit(
@@ -266,7 +302,7 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
         ctx,
         f"student {section.student}",
         keep,
-        teacher=teacher_model if needs_teacher else None,
+        teacher=live_teacher if needs_teacher else None,
         cached=cached if needs_teacher else None,
     )
     atomic_save(student.model.state_dict(), ctx.workdir / "student.pt")
@@ -291,16 +327,15 @@ def distill_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> 
             probe,
         )
         metrics |= {f"{part}_{k}": v for k, v in scores.items()}
-    _check_learned(config, metrics, len(prepared.val), len(data.facts.classes))
+    _check_learned(section, metrics, len(prepared.val), len(data.facts.classes))
     files = {"model": "student.pt", "curves": "curves.png"}
-    return StageResult(metrics, files, EmbeddingFacts(bank.shape[1]))
+    return StageResult(metrics, files, EmbeddingFacts(section.student, bank.shape[1]))
 
 
-def _check_learned(config: PipelineConfig, metrics: dict, n: int, classes: int) -> None:
+def _check_learned(section: DistillSection, metrics: dict, n: int, classes: int) -> None:
     """Stop after distill when the student is no better than chance on the validation split
     (its classifier's top-1; kNN top-1 of its embeddings when it is trained without labels):
     quantizing, exporting and validating it would spend minutes on nothing."""
-    section = config.distill
     key = "val_top1" if section.train.alpha > 0 else "val_knn_top1"
     if not better_than_chance(metrics[key], n, classes):
         train = section.train
@@ -312,14 +347,10 @@ def _check_learned(config: PipelineConfig, metrics: dict, n: int, classes: int) 
         )
 
 
-def build_student(
-    config: PipelineConfig, data: StageResult, distill: tuple[Path, StageResult]
-) -> EmbeddingModel:
+def build_student(data: Output[DataFacts], distill: Output[EmbeddingFacts]) -> EmbeddingModel:
     """The distill stage's fp32 student, loaded."""
-    student = _build(config.distill.student, data)
-    student.model.load_state_dict(
-        torch.load(distill[0] / distill[1].files["model"], weights_only=True)
-    )
+    student = _build(distill.facts.model, data)
+    student.model.load_state_dict(torch.load(distill.file("model"), weights_only=True))
     return student
 
 
@@ -331,15 +362,21 @@ ROWS = {  # the before/after table, in order
 }
 
 
-def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> StageResult:
-    data_dir, data = upstream["data"]
-    teacher_dir, teacher = upstream["teacher"]
-    prepared = prepare_data(config, data, data_dir)
-    outputs = torch.load(teacher_dir / teacher.files["outputs"], weights_only=True)
-    section, target, norm = config.qat, config.target, prepared.norm
-    fp32 = build_student(config, data, upstream["distill"]).to(ctx.device)
+def qat_stage(
+    section: QATSection,
+    target: str,
+    seed: int,
+    data: Output[DataFacts],
+    teacher: Output[EmbeddingFacts],
+    distill: Output[EmbeddingFacts],
+    ctx: StageContext,
+) -> StageResult[QATFacts]:
+    prepared = prepare_data(data)
+    outputs = torch.load(teacher.file("outputs"), weights_only=True)
+    norm = prepared.norm
+    fp32 = build_student(data, distill).to(ctx.device)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
-    keep = subset(len(prepared.train), section.train_limit, config.seed)
+    keep = subset(len(prepared.train), section.train_limit, seed)
 
     def split(x: torch.Tensor, y: torch.Tensor, teacher_embeddings: torch.Tensor) -> finetune.Split:
         return finetune.Split(x, y, teacher_embeddings, predict(fp32, x, norm, ctx.device)[1])
@@ -354,15 +391,16 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
     def scores(model: torch.nn.Module, part: finetune.Split) -> dict[str, float]:
         return finetune.score(model, part, norm, ctx.device, section.pc_eval_limit)
 
-    torch.manual_seed(config.seed)
-    ptq = finetune.ptq(fp32, target, calibration, norm, section.weight_bits)
+    bits = recipes.weight_bits(target, section.weight_bits)
+    torch.manual_seed(seed)
+    ptq = finetune.ptq(fp32, target, calibration, norm, bits)
     atomic_save(ptq.state_dict(), ctx.workdir / "ptq_student.pt")
     models: dict[str, torch.nn.Module] = {"fp32": fp32, "ptq": quantized(ptq).to(ctx.device)}
     curves: dict[str, list[dict[str, float]]] = {}
     plain = section.train.model_copy(update={"beta": 0, "gamma": 0})
     variants = ({"plain_qat": plain} if section.plain_qat else {}) | {"qat": section.train}
     for name, train_section in variants.items():
-        torch.manual_seed(config.seed)
+        torch.manual_seed(seed)
         model, history = finetune.qat(
             fp32,
             target,
@@ -370,7 +408,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
             outputs["train"]["logits"][keep],
             calibration,
             norm,
-            TrainConfig(**train_section.model_dump(), seed=config.seed),
+            TrainConfig(**train_section.model_dump(), seed=seed),
             section.freeze_observers_epochs,
             ctx.device,
             checkpoint=ctx.workdir / f"{name}_training.pt",
@@ -379,7 +417,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
                 {f"{name}_{k}": v for k, v in m.items()}, epoch
             ),
             progress=ctx.progress,
-            weight_bits=section.weight_bits,
+            weight_bits=bits,
         )
         atomic_save(model.state_dict(), ctx.workdir / f"{name}_student.pt")
         curves[name] = history
@@ -393,7 +431,7 @@ def qat_stage(config: PipelineConfig, upstream: dict, ctx: StageContext) -> Stag
         metrics |= {f"{name}_{k}": v for k, v in history[-1].items() if k.startswith("val_")}
     files = {name: f"{name}_student.pt" for name in ("ptq", *variants)}
     files |= {"table": "before_after.md", "plot": "triplet_agreement.png"}
-    return StageResult(metrics, files, QATFacts(target, table))
+    return StageResult(metrics, files, QATFacts(target, bits, table))
 
 
 def before_after(table: dict[str, dict[str, float]], target: str) -> str:

@@ -8,10 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgepc.errors import EdgepcError
+from edgepc.errors import one_line_errors
 from edgepc.tracking.spool import replay, spool_folder
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgepc.tracking.sync", description=__doc__)
     parser.add_argument("--uri", help="replay into this store instead of the one spooled for")
@@ -22,13 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if not spools:
         print(f"nothing to sync in {folder}")
         return 0
-    try:
-        for spool in spools:
-            count, uri = replay(spool, args.uri)
-            print(f"{spool.name}: replayed {count} operations into {uri}")
-    except EdgepcError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    for spool in spools:
+        count, uri = replay(spool, args.uri)
+        print(f"{spool.name}: replayed {count} operations into {uri}")
     return 0
 
 
