@@ -165,12 +165,20 @@ def test_top1_and_knn_hand_cases():
     assert knn_top1(bank, bank_labels, queries, torch.tensor([0, 1]), k=3) == 1.0
 
 
-def test_augment_keeps_shape_and_is_seeded():
-    images = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).view(2, 1, 6, 6)
+def test_augment_is_a_seeded_flip_and_shift_per_image_done_batched():
+    images = torch.randint(0, 256, (64, 3, 9, 7), dtype=torch.uint8)
     a = augment(images, torch.Generator().manual_seed(0))
-    b = augment(images, torch.Generator().manual_seed(0))
-    assert a.shape == images.shape
-    assert torch.equal(a, b)
+    assert torch.equal(a, augment(images, torch.Generator().manual_seed(0)))
+    # The per-image loop it replaces, on the same draws: the same images.
+    gen = torch.Generator().manual_seed(0)
+    flip = torch.rand(64, generator=gen) < 0.5
+    dy, dx = torch.randint(0, 5, (2, 64), generator=gen).tolist()
+    padded = torch.nn.functional.pad(torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images),
+                                     (2, 2, 2, 2))  # fmt: skip
+    loop = torch.stack([padded[i, :, dy[i] : dy[i] + 9, dx[i] : dx[i] + 7] for i in range(64)])
+    assert torch.equal(a, loop)
+    assert 0 < flip.sum() < 64
+    assert len(set(zip(dy, dx, strict=True))) > 10  # shifts differ per image
 
 
 def test_recalibrated_batch_norm_holds_the_statistics_of_the_final_weights():

@@ -23,10 +23,16 @@ class Normalisation:
 
 
 def augment(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Random horizontal flip and a random shift of up to 2 px (zero padding), per image."""
-    b, _, h, w = images.shape
+    """Random horizontal flip and a random shift of up to 2 px (zero padding), per image, as a
+    few batched tensor ops on the images' device (the draws come from ``generator``, on the
+    CPU, so a batch is augmented the same on every device)."""
+    b, c, h, w = images.shape
     flip = torch.rand(b, generator=generator) < 0.5
+    dy, dx = torch.randint(0, 5, (2, b), generator=generator).to(images.device)
     out = torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(3), images)
     padded = torch.nn.functional.pad(out, (2, 2, 2, 2))
-    dy, dx = torch.randint(0, 5, (2, b), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]

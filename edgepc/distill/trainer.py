@@ -263,10 +263,10 @@ def train(
         )
         for step in bar:
             idx = order[step * batch_size : (step + 1) * batch_size]
-            batch = images[idx]
+            batch = images[idx].to(device, non_blocking=True)
             if config.augment:
                 batch = augment(batch, gen)
-            x = norm.apply(shard(batch).to(device, non_blocking=True))
+            x = norm.apply(shard(batch))
             y = labels[idx].to(device, non_blocking=True)
             targets = None
             if cached is not None:
