@@ -13,9 +13,11 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from edgepc.errors import EdgepcError
 
@@ -101,3 +103,27 @@ def save_figure(fig: Figure, path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+@contextlib.contextmanager
+def npy_rows(path: Path, rows: int) -> Iterator[Callable[[np.ndarray], None]]:
+    """Write a ``(rows, d)`` float32 ``.npy`` file a block of rows at a time, through
+    :func:`atomic_path`: the caller gets ``append(block)``; only the first block's width is
+    needed up front. Plain sequential writes (not a memory map), so a full disk is a
+    :class:`DiskFullError` and never a SIGBUS. Read it back with ``np.load(path, mmap_mode=...)``.
+    """
+    with atomic_path(path) as temporary, temporary.open("wb") as handle:
+        written = 0
+
+        def append(block: np.ndarray) -> None:
+            nonlocal written
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if written == 0:
+                header = {"descr": "<f4", "fortran_order": False, "shape": (rows, block.shape[1])}
+                np.lib.format.write_array_header_1_0(handle, header)
+            handle.write(block.tobytes())
+            written += len(block)
+
+        yield append
+        if written != rows:
+            raise ValueError(f"{path.name}: {written} rows written, {rows} announced")

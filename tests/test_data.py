@@ -290,3 +290,50 @@ def test_a_dataset_written_as_an_image_folder_reads_back_the_same(tmp_path):
     with pytest.raises(DatasetError, match="exists: remove it or pick another folder"):
         write_images(d, root)
     assert not list(tmp_path.glob(".folder*"))  # no temporary folder left
+
+
+def test_a_streamed_folder_gives_the_same_images_batches_and_training_as_in_memory(
+    tmp_path, monkeypatch
+):
+    """The same folder read whole and streamed from disk (decoded in 2 worker processes): the
+    same images, statistics, batches, and the same trained weights for the same seed."""
+    from edgepc.data.images import FileImages, batches, chunks, load
+    from edgepc.data.splits import channel_stats
+    from edgepc.distill.images import Normalisation
+    from edgepc.distill.trainer import TrainConfig, train
+    from edgepc.models import build_model
+
+    monkeypatch.setenv("EDGEPC_WORKERS", "2")
+    write_mnist_like(tmp_path / "mnist", n_train=90, n_test=30)
+    source = load_dataset("mnist", root=tmp_path / "mnist", image_size=20)
+    root = write_images(source, tmp_path / "folder")
+    memory = load_image_folder(root, stream=False)
+    stream = load_image_folder(root, stream=True)
+    assert isinstance(stream.train_images, FileImages)
+    assert stream.train_images.shape == memory.train_images.shape == (90, 3, 20, 20)
+    assert torch.equal(stream.train_labels, memory.train_labels)
+    assert stream.files == memory.files
+    assert torch.equal(load(stream.test_images), memory.test_images)
+    order = torch.randperm(90, generator=torch.Generator().manual_seed(0))
+    parts = list(order.split(16))
+    for a, b in zip(batches(stream.train_images, parts), batches(memory.train_images, parts),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+    subset = torch.tensor([5, 3, 80])
+    assert torch.equal(load(stream.train_images[subset]), memory.train_images[subset])
+    for got, expected in zip(channel_stats(stream.train_images),
+                             channel_stats(memory.train_images), strict=True):  # fmt: skip
+        assert got == pytest.approx(expected, abs=1e-12)
+    assert [len(p) for p in chunks(90, 40)] == [40, 40, 10]
+    gray = load_dataset("imagefolder", root=root, channels=1, stream=True)
+    assert torch.equal(load(gray.train_images), conform(memory.train_images, None, 1))
+    norm = Normalisation((0.5,) * 3, (0.25,) * 3)
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.01, augment=True, seed=3)
+    weights = []
+    for images in (memory.train_images, stream.train_images):
+        torch.manual_seed(0)
+        model = build_model("tiny_cnn", 10, 3, 20)
+        train(model, images, memory.train_labels, norm, config, torch.device("cpu"),
+              progress=False)  # fmt: skip
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -281,25 +281,25 @@ def test_a_killed_writers_temporaries_are_removed_and_a_live_ones_kept(tmp_path)
 
 @pytest.mark.slow
 def test_disk_full_in_a_real_pipeline_then_rerun(tmp_path, clean):
-    """The pipeline process may write no file over 1.5 MB (prlimit's RLIMIT_FSIZE: the kernel
+    """The pipeline process may write no file over 1.2 MB (prlimit's RLIMIT_FSIZE: the kernel
     refuses the write with EFBIG, as a full disk does with ENOSPC; Python ignores SIGXFSZ): on
-    the whole test split, the teacher's 1.9 MB outputs fail (MLflow's database is under 1 MB
-    then). One line, exit 2, nothing half-written; the rerun with space resumes and ends with
+    the whole test split, the teacher's 1.28 MB test embeddings fail (MLflow's database is under
+    1 MB then). One line, exit 2, nothing half-written; the rerun with space resumes and ends with
     the clean run's weights (the test split does not change them)."""
     cache = tmp_path / "cache"
     whole = (*UNTIL_DISTILL, "data.test_limit=null")
-    run = start_pipeline(cache, tmp_path, *whole, limit=["prlimit", "--fsize=1500000"])
+    run = start_pipeline(cache, tmp_path, *whole, limit=["prlimit", "--fsize=1200000"])
     out = run.communicate(timeout=900)[0]
     assert run.returncode == 2, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert "no space left" in errors[0]
-    assert "teacher_outputs.pt" in errors[0]
+    assert "teacher_outputs while writing test_embeddings.npy" in errors[0]
     assert "Traceback" not in out
     assert leftovers(cache) == []
     teacher = next(cache.glob("teacher-*"))
     assert not (teacher / "result.json").exists()
-    assert not (teacher / "teacher_outputs.pt").exists()
+    assert not (teacher / "teacher_outputs" / "test_embeddings.npy").exists()
     again = start_pipeline(cache, tmp_path, *whole)
     out = again.communicate(timeout=900)[0]
     assert again.returncode == 0, out[-3000:]

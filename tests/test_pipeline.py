@@ -11,6 +11,7 @@ import typing
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,8 +105,8 @@ def test_test_limit_is_a_seeded_stratified_subset_that_every_stage_reads(small):
     assert torch.equal(images, test_part("data.test_limit=1000")[0])  # seeded
     assert not torch.equal(images, test_part("data.test_limit=1000", "seed=1")[0])
     assert small.result("data")["metrics"]["test_size"] == 1000  # SMALL: 1,000 in every stage
-    outputs = torch.load(next(small.cache.glob("teacher-*/teacher_outputs.pt")))
-    assert len(outputs["test"]["logits"]) == 1000
+    logits = np.load(next(small.cache.glob("teacher-*/teacher_outputs/test_logits.npy")))
+    assert logits.shape == (1000, 10)
 
 
 def test_cache_hit_miss_and_invalidation(tmp_path, store, small):

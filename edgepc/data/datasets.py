@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from edgepc.data.idx import read_idx
+from edgepc.data.images import FileImages, Images, Size, conform, decode
 from edgepc.errors import DatasetError
 from edgepc.files import atomic_path
 
@@ -36,9 +36,9 @@ class ImageDataset:
     """A labelled image dataset held in memory with its own train and test parts."""
 
     name: str
-    train_images: Tensor  # uint8 (N, C, H, W)
+    train_images: Images  # uint8 (N, C, H, W), in memory or in files
     train_labels: Tensor  # int64 (N,)
-    test_images: Tensor
+    test_images: Images
     test_labels: Tensor
     classes: tuple[str, ...]
     files: tuple[Path, ...]
@@ -288,38 +288,30 @@ def load_cifar(name: str, root: Path | None = None, download: bool = True) -> Im
 # --- a folder of class sub-folders -----------------------------------------------------------
 
 
-def _read_folder(folder: Path, classes: tuple[str, ...], size: tuple[int, int] | None):
-    from PIL import Image
-
-    images, labels, files = [], [], []
+def _list_folder(folder: Path, classes: tuple[str, ...]) -> tuple[list[Path], Tensor]:
+    files, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((folder / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-                    if size is None:
-                        size = img.size[::-1]
-                    if img.size[::-1] != size:
-                        img = img.resize(size[::-1])
-                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-            except OSError as error:
-                raise DatasetError(f"cannot read image {path}: {error}") from None
-            labels.append(label)
-            files.append(path)
-    if not images:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(label)
+    if not files:
         raise DatasetError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels), files, size
+    return files, torch.tensor(labels)
 
 
 def load_image_folder(
-    root: Path, image_size: tuple[int, int] | None = None, test_fraction: float = 0.2, seed: int = 0
+    root: Path,
+    image_size: tuple[int, int] | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    stream: bool = False,
 ) -> ImageDataset:
     """Images in ``root/<class>/`` (or ``root/train/<class>/`` and ``root/test/<class>/``).
 
     Without train/ and test/ a seeded ``test_fraction`` of each class becomes the test part.
-    Images are read as RGB and resized to ``image_size`` (default: the first image's size).
+    Images are read as RGB and resized to ``image_size`` (default: the first image's size);
+    with ``stream`` they stay on disk (:class:`FileImages`) and are decoded batch by batch.
     """
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist")
@@ -330,20 +322,22 @@ def load_image_folder(
         raise DatasetError(
             f"{train_root} has no class sub-folders (expected {train_root}/<class>/)"
         )
-    images, labels, files, size = _read_folder(train_root, classes, image_size)
+    files, labels = _list_folder(train_root, classes)
+    size = tuple(image_size) if image_size else tuple(decode(files[0]).shape[1:])
     if split:
-        test_images, test_labels, test_files, _ = _read_folder(root / "test", classes, size)
-        files += test_files
-        train = (images, labels)
+        test_files, test_labels = _list_folder(root / "test", classes)
     else:
         test_idx = stratified_subset(labels, test_fraction, seed)
         keep = torch.ones(len(labels), dtype=torch.bool)
         keep[test_idx] = False
-        test_images, test_labels = images[test_idx], labels[test_idx]
-        train = (images[keep], labels[keep])
-    return ImageDataset(
-        f"imagefolder:{root.name}", *train, test_images, test_labels, classes, tuple(files)
-    )
+        test_files = [files[i] for i in test_idx.tolist()]
+        test_labels, labels = labels[test_idx], labels[keep]
+        files = [files[i] for i in torch.nonzero(keep).flatten().tolist()]
+    train, test = FileImages(tuple(files), size), FileImages(tuple(test_files), size)
+    if not stream:
+        train, test = train.read(), test.read()
+    return ImageDataset(f"imagefolder:{root.name}", train, labels, test, test_labels, classes,
+                        (*files, *test_files))  # fmt: skip
 
 
 def write_image_folder(
@@ -390,37 +384,6 @@ def stratified_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
     return torch.cat(chosen).sort().values
 
 
-# --- one shape for every dataset ------------------------------------------------------------
-
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's convert("L") uses
-
-
-Size = int | tuple[int, int]  # size × size, or (height, width)
-
-
-def conform(images: Tensor, size: Size | None, channels: int | None, chunk: int = 2048) -> Tensor:
-    """uint8 (N, C, H, W) images at ``size`` (bilinear, antialiased) with ``channels``
-    (grayscale repeated to RGB, RGB to luma); None keeps what they have. Done ``chunk`` images
-    at a time, so the float copy stays small."""
-    n, c, h, w = images.shape
-    out_hw = (h, w) if size is None else (size, size) if isinstance(size, int) else tuple(size)
-    out_c = channels or c
-    if (out_hw, out_c) == ((h, w), c):
-        return images
-    out = torch.empty((n, out_c, *out_hw), dtype=torch.uint8)
-    luma = torch.tensor(LUMA).view(1, 3, 1, 1)
-    for start in range(0, n, chunk):
-        x = images[start : start + chunk].float()
-        if (h, w) != out_hw:
-            x = F.interpolate(x, out_hw, mode="bilinear", antialias=True, align_corners=False)
-        if out_c == 1 and c == 3:
-            x = (x * luma).sum(1, keepdim=True)
-        elif out_c == 3 and c == 1:
-            x = x.expand(-1, 3, -1, -1)
-        out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8)
-    return out
-
-
 # --- by name ---------------------------------------------------------------------------------
 
 LOADERS: dict[str, Callable[..., ImageDataset]] = {
@@ -439,14 +402,16 @@ def load_dataset(
     download: bool = True,
     image_size: Size | None = None,
     channels: int | None = None,
+    stream: bool = False,
 ) -> ImageDataset:
     """The dataset called ``name`` (fashion-mnist, mnist, cifar10, cifar100 or imagefolder), its
-    images at ``image_size`` with ``channels`` (None: as stored)."""
+    images at ``image_size`` with ``channels`` (None: as stored); an image folder with
+    ``stream`` stays on disk, decoded batch by batch."""
     if name == "imagefolder":
         if root is None:
             raise DatasetError("imagefolder needs a root: the folder of class sub-folders")
         size = (image_size, image_size) if isinstance(image_size, int) else image_size
-        dataset = load_image_folder(root, size)
+        dataset = load_image_folder(root, size, stream=stream)
     elif name in LOADERS:
         dataset = LOADERS[name](root=root, download=download)
     else:

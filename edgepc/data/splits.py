@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from edgepc.data.datasets import ImageDataset, stratified_subset
+from edgepc.data.images import Images, batches, chunks
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,15 @@ def fingerprint(dataset: ImageDataset) -> str:
     return digest.hexdigest()
 
 
-def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]."""
-    x = images.to(torch.float64).div_(255.0).transpose(0, 1).flatten(1)
-    return x.mean(1).tolist(), x.std(1).tolist()
+def channel_stats(images: Images) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]; files are
+    read batch by batch (sums in float64)."""
+    if isinstance(images, Tensor):
+        x = images.to(torch.float64).div_(255.0).transpose(0, 1).flatten(1)
+        return x.mean(1).tolist(), x.std(1).tolist()
+    count, total, squares = 0, torch.zeros(images.shape[1], dtype=torch.float64), 0.0
+    for batch in batches(images, chunks(len(images), 256)):
+        x = batch.to(torch.float64).div_(255.0).transpose(0, 1).flatten(1)
+        count, total, squares = count + x.shape[1], total + x.sum(1), squares + (x * x).sum(1)
+    mean = total / count
+    return mean.tolist(), ((squares - count * mean**2) / (count - 1)).sqrt().tolist()

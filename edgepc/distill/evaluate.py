@@ -2,33 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from edgepc.coherence import coherence_metrics
+from edgepc.data.images import Images, batches, chunks
 from edgepc.distill.images import Normalisation
-from edgepc.models import EmbeddingModel
 
 
-@torch.no_grad()
+def predict_batches(
+    model: nn.Module,
+    images: Images,
+    norm: Normalisation,
+    device: torch.device,
+    batch_size: int = 512,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Logits and embeddings (float32, on the CPU) of uint8 ``images``, batch by batch, model
+    in eval mode (its mode is restored when the batches are all read)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches(images, chunks(len(images), batch_size)):
+            x = norm.apply(batch.to(device))
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+            ):
+                out, emb = model(x)
+            yield out.float().cpu(), emb.float().cpu()
+    finally:
+        model.train(was_training)
+
+
 def predict(
-    model: EmbeddingModel,
-    images: Tensor,
+    model: nn.Module,
+    images: Images,
     norm: Normalisation,
     device: torch.device,
     batch_size: int = 512,
 ) -> tuple[Tensor, Tensor]:
     """Logits and embeddings (float32, on the CPU) of uint8 ``images``, model in eval mode."""
-    was_training = model.training
-    model.eval()
-    logits, embeddings = [], []
-    for start in range(0, len(images), batch_size):
-        x = norm.apply(images[start : start + batch_size].to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out, emb = model(x)
-        logits.append(out.float().cpu())
-        embeddings.append(emb.float().cpu())
-    model.train(was_training)
+    logits, embeddings = zip(*predict_batches(model, images, norm, device, batch_size),
+                             strict=True)  # fmt: skip
     return torch.cat(logits), torch.cat(embeddings)
 
 

@@ -85,6 +85,9 @@ class DataSection(Section):
     # Every image resized to image_size × image_size, with this many channels (None: as stored).
     image_size: int | None = Field(None, ge=8, le=1024)
     channels: Literal[1, 3] | None = None
+    # An image folder is streamed from disk (decoded batch by batch in worker processes);
+    # true reads it whole into memory (faster for a small folder). Other datasets: in memory.
+    in_memory: bool = False
 
 
 class TeacherSection(Section):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from edgepc.data.images import load
 from edgepc.errors import EdgepcError
 from edgepc.export.bundle import (
     TESTSET,
@@ -52,6 +53,7 @@ from edgepc.pipelines.stages import (
     ValidateFacts,
     build_student,
     prepare_data,
+    teacher_outputs,
 )
 from edgepc.quant import convert, restore
 from edgepc.targets import get_target
@@ -97,8 +99,8 @@ def export_stage(
     ctx: StageContext,
 ) -> StageResult[ExportFacts]:
     prepared = prepare_data(data)
-    test_images = prepared.dataset.test_images.numpy()
-    teacher_test = torch.load(teacher.file("outputs"), weights_only=True)["test"]
+    test_images = load(prepared.dataset.test_images).numpy()  # the bundle ships them all
+    teacher_test = teacher_outputs(teacher.file("outputs"))["test"]
     testset = write_testset(
         ctx.workdir / TESTSET,
         test_images,

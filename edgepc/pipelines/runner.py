@@ -126,6 +126,7 @@ KEY_NEUTRAL_DEFAULTS = {
     "weight_bits": 8,  # the 8-bit weights every target had before (cpu now defaults to 7)
     "image_size": None,
     "channels": None,
+    "in_memory": False,
 }
 
 

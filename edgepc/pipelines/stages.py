@@ -16,15 +16,23 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
+import numpy as np
 import torch
 
 from edgepc.data import channel_stats, fingerprint, load_dataset, make_splits
 from edgepc.data.datasets import ImageDataset, stratified_subset
-from edgepc.distill.evaluate import better_than_chance, evaluate_embeddings, linear_probe, predict
+from edgepc.data.images import load
+from edgepc.distill.evaluate import (
+    better_than_chance,
+    evaluate_embeddings,
+    linear_probe,
+    predict,
+    predict_batches,
+)
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
 from edgepc.errors import TrainingError
-from edgepc.files import write_text
+from edgepc.files import npy_rows, write_text
 from edgepc.models import EmbeddingModel, build_model
 from edgepc.models.teachers import ProgramTeacher, reload_teacher, save_teacher, teacher_model
 from edgepc.pipelines.config import (
@@ -57,6 +65,7 @@ class DataFacts:
     root: str | None
     test_limit: int | None
     seed: int
+    stream: bool  # an image folder read from disk batch by batch
     fingerprint: str
     classes: list[str]
     channels: int
@@ -137,11 +146,13 @@ def load_data(
     seed: int,
     image_size: int | tuple[int, int] | None = None,
     channels: int | None = None,
+    stream: bool = False,
 ) -> ImageDataset:
-    """A dataset at ``image_size`` with ``channels`` (None: as stored), its test part cut to
-    ``test_limit`` images (a stratified subset of the pipeline's ``seed``, the same in every
-    stage)."""
-    loaded = load_dataset(dataset, Path(root) if root else None, True, image_size, channels)
+    """A dataset at ``image_size`` with ``channels`` (None: as stored; an image folder streamed
+    from disk with ``stream``), its test part cut to ``test_limit`` images (a stratified subset
+    of the pipeline's ``seed``, the same in every stage)."""
+    path = Path(root) if root else None
+    loaded = load_dataset(dataset, path, True, image_size, channels, stream)
     labels = loaded.test_labels
     if test_limit is None or test_limit >= len(labels):
         return loaded
@@ -152,16 +163,17 @@ def load_data(
 def prepare_data(data: Output[DataFacts]) -> PreparedData:
     """The dataset and the data stage's split, loaded again for a downstream stage."""
     facts = data.facts
-    size, channels = tuple(facts.image_size), facts.channels  # what the data stage gave
-    dataset = load_data(facts.dataset, facts.root, facts.test_limit, facts.seed, size, channels)
+    dataset = load_data(facts.dataset, facts.root, facts.test_limit, facts.seed,
+                        tuple(facts.image_size), facts.channels, facts.stream)  # fmt: skip
     splits = torch.load(data.file("splits"), weights_only=True)
     norm = Normalisation(tuple(facts.mean), tuple(facts.std))
     return PreparedData(dataset, splits["train"], splits["val"], splits["calibration"], norm)
 
 
 def data_stage(section: DataSection, seed: int, ctx: StageContext) -> StageResult[DataFacts]:
+    stream = not section.in_memory
     dataset = load_data(section.dataset, section.root, section.test_limit, seed,
-                        section.image_size, section.channels)  # fmt: skip
+                        section.image_size, section.channels, stream)  # fmt: skip
     splits = make_splits(
         dataset.train_labels,
         section.val_fraction,
@@ -175,7 +187,7 @@ def data_stage(section: DataSection, seed: int, ctx: StageContext) -> StageResul
         ctx.workdir / "splits.pt",
     )
     counts = torch.bincount(dataset.train_labels[splits.train], minlength=len(dataset.classes))
-    facts = DataFacts(section.dataset, section.root, section.test_limit, seed,
+    facts = DataFacts(section.dataset, section.root, section.test_limit, seed, stream,
                       fingerprint(dataset), list(dataset.classes), dataset.channels,
                       list(dataset.image_size), mean, std, counts.tolist())  # fmt: skip
     write_text(ctx.workdir / "data.json", json.dumps(asdict(facts), indent=2))
@@ -197,6 +209,11 @@ def subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
     """Sorted positions of a fixed random subset of ``limit`` of ``size`` items (None: all)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(size, generator=gen)[:limit].sort().values
+
+
+def rows(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``values[keep]``; all of them as they are (a memory map stays one) when ``keep`` is all."""
+    return values if len(keep) == len(values) else values[keep]
 
 
 def _fit(
@@ -228,6 +245,20 @@ def _fit(
     return history
 
 
+OUTPUTS = "teacher_outputs"  # {train,val,test}_{logits,embeddings}.npy
+
+
+def teacher_outputs(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The teacher stage's logits and embeddings per part, memory-mapped from ``folder``
+    (copy-on-write: nothing is read until used, and nothing is written back)."""
+
+    def mapped(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c"))
+
+    kinds = ("logits", "embeddings")
+    return {part: {k: mapped(f"{part}_{k}") for k in kinds} for part in ("train", "val", "test")}
+
+
 def teacher_stage(
     section: TeacherSection, seed: int, data: Output[DataFacts], ctx: StageContext
 ) -> StageResult[EmbeddingFacts]:
@@ -238,22 +269,28 @@ def teacher_stage(
                                        min(facts.image_size), checkpoint)  # fmt: skip
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
     if isinstance(teacher, ProgramTeacher):
-        teacher.check(prepared.norm.apply(images[prepared.train[:3]]), len(facts.classes))
+        teacher.check(prepared.norm.apply(load(images[prepared.train[:3]])), len(facts.classes))
     if untrained:  # no weights, or a new head for these classes
         _fit(teacher, prepared, section.train, seed, ctx, f"teacher {section.model}")
-    files = {"model": save_teacher(teacher, ctx.workdir), "outputs": "teacher_outputs.pt"}
-    outputs = {}
+    files = {"model": save_teacher(teacher, ctx.workdir), "outputs": OUTPUTS}
+    (ctx.workdir / OUTPUTS).mkdir(exist_ok=True)
     for part, x in (
         ("train", images[prepared.train]),
         ("val", images[prepared.val]),
         ("test", prepared.dataset.test_images),
     ):
-        logits, embeddings = predict(teacher, x, prepared.norm, ctx.device)
-        outputs[part] = {"logits": logits, "embeddings": embeddings}
-    atomic_save(outputs, ctx.workdir / "teacher_outputs.pt")
-    test_logits = outputs["test"]["logits"]
+        folder = ctx.workdir / OUTPUTS
+        with (
+            npy_rows(folder / f"{part}_logits.npy", len(x)) as logits,
+            npy_rows(folder / f"{part}_embeddings.npy", len(x)) as embeddings,
+        ):
+            for batch_logits, batch_embeddings in predict_batches(teacher, x, prepared.norm,
+                                                                  ctx.device):  # fmt: skip
+                logits(batch_logits.numpy())
+                embeddings(batch_embeddings.numpy())
+    outputs = teacher_outputs(ctx.workdir / OUTPUTS)
     metrics = evaluate_embeddings(
-        test_logits,
+        outputs["test"]["logits"],
         outputs["test"]["embeddings"],
         prepared.dataset.test_labels,
         outputs["train"]["embeddings"],
@@ -274,13 +311,14 @@ def distill_stage(
     ctx: StageContext,
 ) -> StageResult[EmbeddingFacts]:
     prepared = prepare_data(data)
-    outputs = torch.load(teacher.file("outputs"), weights_only=True)
+    outputs = teacher_outputs(teacher.file("outputs"))
     keep = subset(len(prepared.train), section.train_limit, seed)  # the pipeline's seed
     seed = seed if section.seed is None else section.seed
     torch.manual_seed(seed)
     student = _build(section.student, data)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
-    cached = TeacherTargets(outputs["train"]["logits"][keep], outputs["train"]["embeddings"][keep])
+    train = outputs["train"]
+    cached = TeacherTargets(rows(train["logits"], keep), rows(train["embeddings"], keep))
     live_teacher = None
     if section.train.augment:  # augmented batches need the teacher itself, not its cache
         facts = data.facts
@@ -372,7 +410,7 @@ def qat_stage(
     ctx: StageContext,
 ) -> StageResult[QATFacts]:
     prepared = prepare_data(data)
-    outputs = torch.load(teacher.file("outputs"), weights_only=True)
+    outputs = teacher_outputs(teacher.file("outputs"))
     norm = prepared.norm
     fp32 = build_student(data, distill).to(ctx.device)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
@@ -382,11 +420,11 @@ def qat_stage(
         return finetune.Split(x, y, teacher_embeddings, predict(fp32, x, norm, ctx.device)[1])
 
     train_x, train_y = images[prepared.train][keep], labels[prepared.train][keep]
-    fit = split(train_x, train_y, outputs["train"]["embeddings"][keep])
+    fit = split(train_x, train_y, rows(outputs["train"]["embeddings"], keep))
     val = split(images[prepared.val], labels[prepared.val], outputs["val"]["embeddings"])
     test = split(prepared.dataset.test_images, prepared.dataset.test_labels,
                  outputs["test"]["embeddings"])  # fmt: skip
-    calibration = images[prepared.calibration]
+    calibration = load(images[prepared.calibration])
 
     def scores(model: torch.nn.Module, part: finetune.Split) -> dict[str, float]:
         return finetune.score(model, part, norm, ctx.device, section.pc_eval_limit)
@@ -405,7 +443,7 @@ def qat_stage(
             fp32,
             target,
             fit,
-            outputs["train"]["logits"][keep],
+            rows(outputs["train"]["logits"], keep),
             calibration,
             norm,
             TrainConfig(**train_section.model_dump(), seed=seed),

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from edgepc.coherence import coherence_metrics
+from edgepc.data.images import Images
 from edgepc.distill.evaluate import predict, top1
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, train
@@ -20,9 +21,10 @@ from edgepc.quant.model import QuantModel, prepare
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """uint8 images with their labels and the teacher's / fp32 student's embeddings."""
+    """uint8 images (in memory or files) with their labels and the teacher's / fp32 student's
+    embeddings."""
 
-    images: Tensor
+    images: Images
     labels: Tensor
     teacher: Tensor
     fp32: Tensor
