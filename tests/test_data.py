@@ -337,3 +337,35 @@ def test_a_streamed_folder_gives_the_same_images_batches_and_training_as_in_memo
               progress=False)  # fmt: skip
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_example_writes_a_folder_that_the_folder_profile_reads(tmp_path):
+    import importlib.util
+
+    from edgepc.data.images import load
+    from edgepc.pipelines.config import load_config
+    from edgepc.pipelines.stages import load_data
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "fashion_folder.py"
+    spec = importlib.util.spec_from_file_location("fashion_folder", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    root = tmp_path / "fashion-32"
+    assert example.main([str(root), "--size", "32", "--limit", "50"]) == 0
+    assert example.main([str(root)]) == 2  # it exists: one line, nothing overwritten
+    config = load_config("mobile", profile="folder", overrides=[f"data.root={root}"])
+    assert (config.data.dataset, config.data.in_memory) == ("imagefolder", False)
+    assert (config.teacher.model, config.distill.student) == (
+        "efficientnet_lite0",
+        "mobilenetv2_0.5",
+    )
+    section = config.data
+    dataset = load_data(section.dataset, section.root, section.test_limit, config.seed, stream=True)
+    assert dataset.train_images.shape == (50, 3, 32, 32)
+    assert dataset.test_images.shape == (50, 3, 32, 32)
+    fmnist = load_dataset("fashion-mnist", download=False)
+    index = torch.tensor([int(path.stem) for path in dataset.test_images.files])
+    assert sorted(index.tolist()) == list(range(50))  # the first 50, read class by class
+    assert torch.equal(dataset.test_labels, fmnist.test_labels[index])
+    gray = conform(fmnist.test_images[:50], 32, 1)[index]
+    assert torch.equal(load(dataset.test_images), gray.expand(-1, 3, -1, -1))

@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", choices=[*TARGETS, "all"], help="which deployment target")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. distill.train.epochs=3")
     parser.add_argument("--config", type=Path, help=f"config file (default {CONFIGS}/TARGET.yaml)")
-    parser.add_argument("--profile", choices=["quick", "full"], help="a profile of the config")
+    parser.add_argument(
+        "--profile",
+        choices=["quick", "full", "folder"],
+        help="a profile of the config (folder: examples/fashion_folder.py)",
+    )
     parser.add_argument("--cache", type=Path, default=None, help=f"default {default_cache()}")
     parser.add_argument("--until", choices=[s.name for s in STAGES], help="stop after this stage")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
