@@ -237,6 +237,34 @@ def test_mlflow_server_killed_with_stop_ends_in_one_line_then_resumes(tmp_path, 
     assert "loss" in runs["teacher"][0].data.metrics  # the epoch that met the dead server
 
 
+def test_npy_rows_writes_blocks_and_a_full_disk_names_the_file_that_filled_it(tmp_path):
+    import numpy as np
+
+    from edgepc.files import npy_rows
+
+    blocks = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((1, 3), np.float32)]
+    with npy_rows(tmp_path / "a.npy", 3) as append:
+        for block in blocks:
+            append(block)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "a.npy", mmap_mode="r"), np.concatenate(blocks)
+    )
+    with (
+        pytest.raises(ValueError, match="2 rows written, 5 announced"),
+        npy_rows(tmp_path / "b.npy", 5) as append,
+    ):
+        append(blocks[0])
+
+    def nested() -> None:
+        with npy_rows(tmp_path / "outer.npy", 1) as outer, npy_rows(tmp_path / "inner.npy", 1):
+            outer(blocks[1])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=r"while writing inner\.npy"):  # not outer.npy
+        nested()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]  # nothing half-written
+
+
 def test_disk_full_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     """A writer that fills the disk half way (ENOSPC from write): a typed one-line error, the
     previous checkpoint intact, no temporary file."""

@@ -110,7 +110,8 @@ class _Decoded(torch.utils.data.Dataset):
 
 def workers() -> int:
     """Decoding processes: ``$EDGEPC_WORKERS``, else the cores this process may use (≤ 8)."""
-    return int(os.environ.get("EDGEPC_WORKERS", min(8, len(os.sched_getaffinity(0)))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return int(os.environ.get("EDGEPC_WORKERS", min(8, cores or 1)))
 
 
 def batches(images: Images, parts: Sequence[Tensor]) -> Iterator[Tensor]:

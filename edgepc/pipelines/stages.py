@@ -273,13 +273,13 @@ def teacher_stage(
     if untrained:  # no weights, or a new head for these classes
         _fit(teacher, prepared, section.train, seed, ctx, f"teacher {section.model}")
     files = {"model": save_teacher(teacher, ctx.workdir), "outputs": OUTPUTS}
-    (ctx.workdir / OUTPUTS).mkdir(exist_ok=True)
+    folder = ctx.workdir / OUTPUTS
+    folder.mkdir(exist_ok=True)
     for part, x in (
         ("train", images[prepared.train]),
         ("val", images[prepared.val]),
         ("test", prepared.dataset.test_images),
     ):
-        folder = ctx.workdir / OUTPUTS
         with (
             npy_rows(folder / f"{part}_logits.npy", len(x)) as logits,
             npy_rows(folder / f"{part}_embeddings.npy", len(x)) as embeddings,
@@ -288,7 +288,7 @@ def teacher_stage(
                                                                   ctx.device):  # fmt: skip
                 logits(batch_logits.numpy())
                 embeddings(batch_embeddings.numpy())
-    outputs = teacher_outputs(ctx.workdir / OUTPUTS)
+    outputs = teacher_outputs(folder)
     metrics = evaluate_embeddings(
         outputs["test"]["logits"],
         outputs["test"]["embeddings"],
