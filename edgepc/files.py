@@ -46,7 +46,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if no_space(error) and not isinstance(error, DiskFullError):  # nested: named
+        if no_space(error) and not isinstance(error, DiskFullError):  # inner write named it
             raise DiskFullError(
                 f"no space left on the disk of {path.parent} while writing {path.name}: free "
                 "some space (or point --cache / EDGEPC_CACHE elsewhere) and rerun; finished "
