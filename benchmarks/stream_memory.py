@@ -22,13 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from edgepc.data import load_dataset
-from edgepc.data.datasets import conform, write_image_folder
+from edgepc.data.datasets import first_images, write_image_folder
 from edgepc.files import write_text
 
 STAGES = ("data", "teacher", "distill")
@@ -48,14 +47,7 @@ def write_folder(root: Path, n: int, size: int, test: int = 2000) -> Path:
     ``size``-px RGB PNGs, written once."""
     if root.exists():
         return root
-    fmnist = load_dataset("fashion-mnist")
-    part = replace(
-        fmnist,
-        train_images=conform(fmnist.train_images[:n], size, 3),
-        train_labels=fmnist.train_labels[:n],
-        test_images=conform(fmnist.test_images[:test], size, 3),
-        test_labels=fmnist.test_labels[:test],
-    )
+    part = first_images(load_dataset("fashion-mnist"), n, test, size, 3)
     return write_image_folder(part, root, lambda items: tqdm(items, desc=f"writing {root.name}"))
 
 

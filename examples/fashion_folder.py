@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from edgepc.data import load_dataset
-from edgepc.data.datasets import conform, write_image_folder
+from edgepc.data.datasets import first_images, write_image_folder
 from edgepc.errors import one_line_errors
 
 
@@ -30,15 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=96, help="image side in px (default 96)")
     parser.add_argument("--limit", type=int, help="only the first N images of each split")
     args = parser.parse_args(argv)
-    fmnist = load_dataset("fashion-mnist")
-    first = slice(0, args.limit)
-    images = replace(
-        fmnist,
-        train_images=conform(fmnist.train_images[first], args.size, 3),
-        train_labels=fmnist.train_labels[first],
-        test_images=conform(fmnist.test_images[first], args.size, 3),
-        test_labels=fmnist.test_labels[first],
-    )
+    images = first_images(load_dataset("fashion-mnist"), args.limit, args.limit, args.size, 3)
     write_image_folder(images, args.folder, lambda items: tqdm(items, unit="image"))
     print(f"{args.folder}: {len(images.train_labels):,} train and "
           f"{len(images.test_labels):,} test images, {args.size} px RGB")  # fmt: skip

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import typing
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -362,18 +361,10 @@ def test_a_teacher_checkpoint_is_keyed_by_its_bytes_not_its_path(tmp_path):
 def test_a_64_px_rgb_image_folder_goes_through_every_stage_and_onto_the_device(tmp_path, store):
     """Fashion-MNIST written as 64-px RGB PNGs: the size and the channels reach the models (the
     standard stride-2 stems), the bundles, the runtimes and the on-device check."""
-    from edgepc.data.datasets import conform, write_image_folder
+    from edgepc.data.datasets import first_images, write_image_folder
     from edgepc.export.bundle import read_manifest
 
-    fmnist = load_dataset("fashion-mnist", download=False)
-    keep = {"train": slice(0, 900), "test": slice(0, 200)}
-    rgb = replace(
-        fmnist,
-        train_images=conform(fmnist.train_images[keep["train"]], 64, 3),
-        train_labels=fmnist.train_labels[keep["train"]],
-        test_images=conform(fmnist.test_images[keep["test"]], 64, 3),
-        test_labels=fmnist.test_labels[keep["test"]],
-    )
+    rgb = first_images(load_dataset("fashion-mnist", download=False), 900, 200, 64, 3)
     root = write_image_folder(rgb, tmp_path / "fashion-64")
     folder = ["data.dataset=imagefolder", f"data.root={root}", "data.val_fraction=0.1",
               "data.train_limit=null", "distill.train.epochs=3"]  # fmt: skip

@@ -340,6 +340,24 @@ def load_image_folder(
                         (*files, *test_files))  # fmt: skip
 
 
+def first_images(
+    dataset: ImageDataset,
+    train: int | None,
+    test: int | None,
+    size: Size | None = None,
+    channels: int | None = None,
+) -> ImageDataset:
+    """The first ``train`` and ``test`` images of ``dataset`` (None: all of a part), at
+    ``size`` with ``channels`` (None: as they are)."""
+    return replace(
+        dataset,
+        train_images=conform(dataset.train_images[:train], size, channels),
+        train_labels=dataset.train_labels[:train],
+        test_images=conform(dataset.test_images[:test], size, channels),
+        test_labels=dataset.test_labels[:test],
+    )
+
+
 def write_image_folder(
     dataset: ImageDataset, root: Path, progress: Callable[[Iterable], Iterable] = iter
 ) -> Path:
