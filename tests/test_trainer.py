@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgepc.distill.evaluate import evaluate_embeddings, knn_top1, predict, top1
+from edgepc.distill.evaluate import evaluate_embeddings, knn_top1, linear_probe, predict, top1
 from edgepc.distill.images import Normalisation, augment
 from edgepc.distill.trainer import (
     TrainConfig,
@@ -163,6 +163,29 @@ def test_top1_and_knn_hand_cases():
     # k = 3: the second query has two class-0 neighbours (cosine 0.05 and 0.16) against one
     # class-1 neighbour (1.0): a plain majority would say 0, the similarity-weighted vote 1.
     assert knn_top1(bank, bank_labels, queries, torch.tensor([0, 1]), k=3) == 1.0
+
+
+def test_knn_in_small_query_chunks_votes_as_with_a_normalised_bank():
+    gen = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(300, 16, generator=gen), torch.randn(70, 16, generator=gen)
+    bank_labels, labels = torch.randint(0, 4, (300,), generator=gen), torch.arange(70) % 4
+    unit = torch.nn.functional.normalize
+    sims, idx = (unit(queries, dim=1) @ unit(bank, dim=1).T).topk(5, dim=1)  # the definition
+    votes = torch.zeros(70, 4).scatter_add_(1, bank_labels[idx], sims)
+    expected = (votes.argmax(1) == labels).double().mean().item()
+    assert 0.1 < expected < 0.5  # random data: neither all right nor all wrong
+    for budget in (1, 300 * 7, 1 << 24):  # 1, 7 and 1024 queries at a time
+        assert knn_top1(bank, bank_labels, queries, labels, budget=budget) == expected
+
+
+def test_linear_probe_read_in_chunks_fits_the_whole_bank_probe():
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(200) % 3
+    bank = torch.randn(200, 8, generator=gen) + 1.5 * labels[:, None]  # mostly separable
+    whole, chunked = linear_probe(bank, labels, chunk=200), linear_probe(bank, labels, chunk=17)
+    assert torch.allclose(whole.weight, chunked.weight, atol=1e-6)
+    assert torch.allclose(whole.bias, chunked.bias, atol=1e-6)
+    assert top1(chunked(bank), labels) > 0.8  # it learned: chance is 1/3
 
 
 def test_augment_is_a_seeded_flip_and_shift_per_image_done_batched():

@@ -62,46 +62,66 @@ def top1(logits: Tensor, labels: Tensor) -> float:
 
 
 def knn_top1(
-    bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Tensor, k: int = 5
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    labels: Tensor,
+    k: int = 5,
+    budget: int = 1 << 24,
 ) -> float:
     """Top-1 of a k-nearest-neighbour vote (cosine similarity, votes weighted by similarity)
-    of ``queries`` among ``bank``: label-free quality of an embedding."""
-    bank = torch.nn.functional.normalize(bank.float(), dim=1)
+    of ``queries`` among ``bank``: label-free quality of an embedding. Queries go in chunks
+    whose similarity matrix holds at most ``budget`` values, and the bank is not copied, so
+    memory beyond the bank does not grow with it."""
+    bank = bank.float()
+    inverse_norm = 1.0 / bank.norm(dim=1).clamp_min(1e-12)  # what F.normalize divides by
     n_classes = int(bank_labels.max()) + 1
+    step = max(1, min(1024, budget // max(len(bank), 1)))
     correct = 0
-    for start in range(0, len(queries), 1024):
-        q = torch.nn.functional.normalize(queries[start : start + 1024].float(), dim=1)
-        sims, idx = (q @ bank.T).topk(k, dim=1)
+    for start in range(0, len(queries), step):
+        q = torch.nn.functional.normalize(queries[start : start + step].float(), dim=1)
+        sims, idx = (q @ bank.T).mul_(inverse_norm).topk(k, dim=1)
         votes = torch.zeros(len(q), n_classes).scatter_add_(1, bank_labels[idx], sims)
-        correct += int((votes.argmax(1) == labels[start : start + 1024]).sum())
+        correct += int((votes.argmax(1) == labels[start : start + step]).sum())
     return correct / len(queries)
 
 
 def linear_probe(
-    bank: Tensor, bank_labels: Tensor, weight_decay: float = 1e-4, max_iter: int = 100
+    bank: Tensor,
+    bank_labels: Tensor,
+    weight_decay: float = 1e-4,
+    max_iter: int = 100,
+    chunk: int = 4096,
 ) -> torch.nn.Linear:
     """A linear classifier fitted on frozen embeddings ``bank`` (standardised, full-batch
     L-BFGS on cross-entropy + ``weight_decay``·‖W‖², from zeros: deterministic); the
     standardisation is folded into the returned layer. Label-aware quality of an embedding
-    that was learnt without labels."""
-    x = bank.double()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
+    that was learnt without labels. The bank is read ``chunk`` rows at a time (in float64),
+    so memory beyond the bank does not grow with it."""
+    n, dim = bank.shape
+    parts = [(bank[i : i + chunk], bank_labels[i : i + chunk]) for i in range(0, n, chunk)]
+    mean = sum(x.double().sum(0) for x, _ in parts) / n
+    std = (sum((x.double() - mean).square().sum(0) for x, _ in parts) / (n - 1)).sqrt()
+    std = std.clamp_min(1e-6)
     n_classes = int(bank_labels.max()) + 1
-    weight = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(n_classes, dim, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
+    def closure() -> Tensor:  # the full-batch loss, its gradient accumulated chunk by chunk
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ weight.T + bias, bank_labels)
-        loss = loss + weight_decay * weight.square().sum()
-        loss.backward()
-        return loss
+        total = weight_decay * weight.square().sum()
+        total.backward()
+        for x, y in parts:
+            z = (x.double() - mean) / std
+            loss = torch.nn.functional.cross_entropy(z @ weight.T + bias, y, reduction="sum") / n
+            loss.backward()
+            total = total.detach() + loss.detach()
+        return total
 
     with torch.enable_grad():
         optimizer.step(closure)
-    layer = torch.nn.Linear(x.shape[1], n_classes)
+    layer = torch.nn.Linear(dim, n_classes)
     with torch.no_grad():
         w = weight / std
         layer.weight.copy_(w)
