@@ -8,7 +8,9 @@ than 1.2x the memory of the smaller.
 The folders are Fashion-MNIST written as RGB PNGs (the first N or 2N training images, the first
 2,000 test images), under --work. Each stage runs in a process of its own (the stages before it
 cached), so a process's peak RSS is that stage's; the decoding workers' peak is given beside
-it. The teacher is the pretrained EfficientNet-Lite0 fine-tuned for one epoch, the student a
+it. The teacher is the pretrained EfficientNet-Lite0 fine-tuned for --teacher-epochs (0: its new
+head untrained, the stage is then its pass over every image and the memory-mapped cache of its
+outputs; the training loop's memory is the distill row's, the same trainer), the student a
 MobileNetV2-0.5 distilled with PC for one epoch. Writes stream_memory.{json,md} to --out.
 """
 
@@ -51,20 +53,22 @@ def write_folder(root: Path, n: int, size: int, test: int = 2000) -> Path:
     return write_image_folder(part, root, lambda items: tqdm(items, desc=f"writing {root.name}"))
 
 
-def overrides(folder: Path) -> list[str]:
+def overrides(folder: Path, teacher_epochs: int) -> list[str]:
     return [
         "data.dataset=imagefolder", f"data.root={folder}", "data.val_fraction=0.05",
         "teacher.model=efficientnet_lite0",
-        "teacher.train={epochs: 1, batch_size: 64, lr: 0.001, augment: false}",
+        f"teacher.train={{epochs: {teacher_epochs}, batch_size: 64, lr: 0.001, augment: false}}",
         "distill.student=mobilenetv2_0.5",
         "distill.train={epochs: 1, batch_size: 128, lr: 0.002, alpha: 1.0, beta: 1.0}",
     ]  # fmt: skip
 
 
-def measure(stage: str, folder: Path, cache: Path, env: dict[str, str]) -> dict[str, float]:
+def measure(
+    stage: str, folder: Path, cache: Path, env: dict[str, str], teacher_epochs: int
+) -> dict[str, float]:
     """One stage in a process of its own (the stages before it cached): its peak RSS."""
     command = [sys.executable, "-c", MEASURE, "cpu", "--until", stage, "--cache", str(cache),
-               "--no-progress", *overrides(folder)]  # fmt: skip
+               "--no-progress", *overrides(folder, teacher_epochs)]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     peak = [line for line in done.stdout.splitlines() if line.startswith("PEAK ")]
@@ -82,8 +86,9 @@ def report(result: dict) -> str:
         "",
         f"Image folders of {n:,} and {2 * n:,} Fashion-MNIST training images as "
         f"{result['size']} px RGB PNGs (plus 2,000 test images), `imagefolder` streamed from "
-        "disk; EfficientNet-Lite0 teacher (1 epoch), MobileNetV2-0.5 student (PC, 1 epoch). Each "
-        "stage ran in a process of its own, the stages before it cached.",
+        f"disk; EfficientNet-Lite0 teacher ({result['teacher_epochs']} epochs of fine-tuning), "
+        "MobileNetV2-0.5 student (PC, 1 epoch). Each stage ran in a process of its own, the "
+        "stages before it cached.",
         "",
         f"| stage | peak RSS, N (MB) | peak RSS, 2N (MB) | 2N / N | ≤ {BOUND} | decoding workers, "
         "N / 2N (MB) | seconds, N / 2N |",
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="the smaller folder's images")
     parser.add_argument("--size", type=int, default=96, help="image side in px")
+    parser.add_argument("--teacher-epochs", type=int, default=1, help="fine-tuning (0: none)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgepc-mem")
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results")
     args = parser.parse_args(argv)
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in (args.n, 2 * args.n):
         folder = write_folder(args.work / f"fashion-{args.size}px-{n}", n, args.size)
         cache = args.work / f"cache-{args.size}px-{n}"
-        runs[str(n)] = {stage: measure(stage, folder, cache, env) for stage in STAGES}
+        runs[str(n)] = {s: measure(s, folder, cache, env, args.teacher_epochs) for s in STAGES}
         print(f"{n} images: " + ", ".join(f"{s} {r['rss_mb']:.0f} MB"
                                           for s, r in runs[str(n)].items()))  # fmt: skip
     command = "python benchmarks/stream_memory.py " + " ".join(argv or sys.argv[1:])
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "command": command.strip(), "n": args.n, "size": args.size, "bound": BOUND,
+        "teacher_epochs": args.teacher_epochs,
         "runs": runs,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,11 @@ class DataFacts:
     std: list[float]
     train_class_counts: list[int]
 
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """What a model of this data is built for: classes, input channels, image side."""
+        return len(self.classes), self.channels, min(self.image_size)
+
 
 @dataclass(frozen=True)
 class EmbeddingFacts:  # teacher, distill
@@ -201,8 +206,7 @@ def data_stage(section: DataSection, seed: int, ctx: StageContext) -> StageResul
 
 
 def _build(name: str, data: Output[DataFacts]) -> EmbeddingModel:
-    facts = data.facts
-    return build_model(name, len(facts.classes), facts.channels, min(facts.image_size))
+    return build_model(name, *data.facts.model_shape)
 
 
 def subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
@@ -265,8 +269,7 @@ def teacher_stage(
     prepared = prepare_data(data)
     torch.manual_seed(seed)
     facts, checkpoint = data.facts, Path(section.checkpoint) if section.checkpoint else None
-    teacher, untrained = teacher_model(section.model, len(facts.classes), facts.channels,
-                                       min(facts.image_size), checkpoint)  # fmt: skip
+    teacher, untrained = teacher_model(section.model, *facts.model_shape, checkpoint)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
     if isinstance(teacher, ProgramTeacher):
         teacher.check(prepared.norm.apply(load(images[prepared.train[:3]])), len(facts.classes))
@@ -321,14 +324,8 @@ def distill_stage(
     cached = TeacherTargets(rows(train["logits"], keep), rows(train["embeddings"], keep))
     live_teacher = None
     if section.train.augment:  # augmented batches need the teacher itself, not its cache
-        facts = data.facts
-        live_teacher = reload_teacher(
-            teacher.facts.model,
-            teacher.file("model"),
-            len(facts.classes),
-            facts.channels,
-            min(facts.image_size),
-        )
+        live_teacher = reload_teacher(teacher.facts.model, teacher.file("model"),
+                                      *data.facts.model_shape)  # fmt: skip
         live_teacher.to(ctx.device)
         cached = None
     needs_teacher = section.train.beta > 0 or section.train.baselines
