@@ -7,8 +7,10 @@ than 1.2x the memory of the smaller.
 
 The folders are Fashion-MNIST written as RGB PNGs (the first N or 2N training images, the first
 2,000 test images), under --work. Each stage runs in a process of its own (the stages before it
-cached), so a process's peak RSS is that stage's; the decoding workers' peak is given beside
-it. The teacher is the pretrained EfficientNet-Lite0 fine-tuned for --teacher-epochs (0: its new
+cached); its peak RSS is the process's VmHWM (not getrusage's ru_maxrss, which in a child that
+subprocess starts also holds this script's own peak at the exec: writing the 2N folder once
+read as a 2.6x "growth" of the data stage). The decoding workers' peak is given beside it.
+The teacher is the pretrained EfficientNet-Lite0 fine-tuned for --teacher-epochs (0: its new
 head untrained, the stage is then its pass over every image and the memory-mapped cache of its
 outputs; the training loop's memory is the distill row's, the same trainer), the student a
 MobileNetV2-0.5 distilled with PC for one epoch. Writes stream_memory.{json,md} to --out.
@@ -38,9 +40,9 @@ MEASURE = """
 import json, resource, sys
 from edgepc.pipelines.run import main
 code = main(sys.argv[1:])
-peak = lambda who: resource.getrusage(who).ru_maxrss / 1024
-print("PEAK " + json.dumps({"code": code, "rss_mb": peak(resource.RUSAGE_SELF),
-                            "workers_rss_mb": peak(resource.RUSAGE_CHILDREN)}))
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print("PEAK " + json.dumps({"code": code, "rss_mb": int(status["VmHWM"].split()[0]) / 1024,
+      "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
