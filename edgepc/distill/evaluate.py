@@ -99,7 +99,7 @@ def linear_probe(
     that was learnt without labels. The bank is read ``chunk`` rows at a time (in float64),
     so memory beyond the bank does not grow with it."""
     n, dim = bank.shape
-    parts = [(bank[i : i + chunk], bank_labels[i : i + chunk]) for i in range(0, n, chunk)]
+    parts = list(zip(bank.split(chunk), bank_labels.split(chunk), strict=True))
     mean = sum(x.double().sum(0) for x, _ in parts) / n
     std = (sum((x.double() - mean).square().sum(0) for x, _ in parts) / (n - 1)).sqrt()
     std = std.clamp_min(1e-6)
