@@ -4,16 +4,18 @@ than 1.2x the memory of the smaller.
 
     python benchmarks/stream_memory.py                        # N = 20,000 at 96 px, 2 cores: ~1 h
     python benchmarks/stream_memory.py --n 1000 --size 64 --out /tmp/look   # a quick look
+    python benchmarks/stream_memory.py ... distill.train.epochs=2          # key=value: the stages'
 
 The folders are Fashion-MNIST written as RGB PNGs (the first N or 2N training images, the first
-2,000 test images), under --work. Each stage runs in a process of its own (the stages before it
-cached); its peak RSS is the process's VmHWM (not getrusage's ru_maxrss, which in a child that
-subprocess starts also holds this script's own peak at the exec: writing the 2N folder once
-read as a 2.6x "growth" of the data stage). The decoding workers' peak is given beside it.
-The teacher is the pretrained EfficientNet-Lite0 fine-tuned for --teacher-epochs (0: its new
-head untrained, the stage is then its pass over every image and the memory-mapped cache of its
-outputs; the training loop's memory is the distill row's, the same trainer), the student a
-MobileNetV2-0.5 distilled with PC for one epoch. Writes stream_memory.{json,md} to --out.
+--test test images), under --work, written once; the stages' cache there is emptied first. Each
+stage runs in a process of its own (the stages before it cached); its peak RSS is the process's
+VmHWM (not getrusage's ru_maxrss, which in a child that subprocess starts also holds this
+script's own peak at the exec: writing the 2N folder once read as a 2.6x "growth" of the data
+stage). The decoding workers' peak is given beside it. The teacher is the pretrained
+EfficientNet-Lite0 fine-tuned for --teacher-epochs (0: its new head untrained, the stage is
+then its pass over every image and the memory-mapped cache of its outputs; the training loop's
+memory is the distill row's, the same trainer), the student a MobileNetV2-0.5 distilled with PC
+for one epoch. Writes stream_memory.{json,md} to --out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,12 +68,10 @@ def overrides(folder: Path, teacher_epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
-def measure(
-    stage: str, folder: Path, cache: Path, env: dict[str, str], teacher_epochs: int
-) -> dict[str, float]:
+def measure(stage: str, cache: Path, settings: list[str], env: dict[str, str]) -> dict[str, float]:
     """One stage in a process of its own (the stages before it cached): its peak RSS."""
     command = [sys.executable, "-c", MEASURE, "cpu", "--until", stage, "--cache", str(cache),
-               "--no-progress", *overrides(folder, teacher_epochs)]  # fmt: skip
+               "--no-progress", *settings]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     peak = [line for line in done.stdout.splitlines() if line.startswith("PEAK ")]
@@ -87,8 +88,9 @@ def report(result: dict) -> str:
         f"{result['when']} · {result['machine']} · `{result['command']}`",
         "",
         f"Image folders of {n:,} and {2 * n:,} Fashion-MNIST training images as "
-        f"{result['size']} px RGB PNGs (plus 2,000 test images), `imagefolder` streamed from "
-        f"disk; EfficientNet-Lite0 teacher ({result['teacher_epochs']} epochs of fine-tuning), "
+        f"{result['size']} px RGB PNGs (plus {result.get('test', 2000):,} test images), "
+        "`imagefolder` streamed from disk; EfficientNet-Lite0 teacher "
+        f"({result['teacher_epochs']} epochs of fine-tuning), "
         "MobileNetV2-0.5 student (PC, 1 epoch). Each stage ran in a process of its own, the "
         "stages before it cached.",
         "",
@@ -111,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="the smaller folder's images")
     parser.add_argument("--size", type=int, default=96, help="image side in px")
+    parser.add_argument("--test", type=int, default=2000, help="test images in each folder")
     parser.add_argument("--teacher-epochs", type=int, default=1, help="fine-tuning (0: none)")
+    parser.add_argument("overrides", nargs="*", help="key=value, after the benchmark's own")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgepc-mem")
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results")
     args = parser.parse_args(argv)
@@ -119,17 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, dict[str, float]]] = {}
     for n in (args.n, 2 * args.n):
-        folder = write_folder(args.work / f"fashion-{args.size}px-{n}", n, args.size)
+        folder = write_folder(args.work / f"fashion-{args.size}px-{n}", n, args.size, args.test)
         cache = args.work / f"cache-{args.size}px-{n}"
-        runs[str(n)] = {s: measure(s, folder, cache, env, args.teacher_epochs) for s in STAGES}
+        shutil.rmtree(cache, ignore_errors=True)  # a cached stage would measure nothing
+        settings = overrides(folder, args.teacher_epochs) + args.overrides
+        runs[str(n)] = {s: measure(s, cache, settings, env) for s in STAGES}
         print(f"{n} images: " + ", ".join(f"{s} {r['rss_mb']:.0f} MB"
                                           for s, r in runs[str(n)].items()))  # fmt: skip
     command = "python benchmarks/stream_memory.py " + " ".join(argv or sys.argv[1:])
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": command.strip(), "n": args.n, "size": args.size, "bound": BOUND,
-        "teacher_epochs": args.teacher_epochs,
+        "command": command.strip(), "n": args.n, "size": args.size, "test": args.test,
+        "bound": BOUND, "teacher_epochs": args.teacher_epochs,
         "runs": runs,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

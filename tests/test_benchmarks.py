@@ -90,6 +90,27 @@ def test_full_profile_runs_its_students_at_tiny_sizes(tmp_path):
     assert len(re.findall(r"^\| (pc|scratch)", table, re.M)) == 3
 
 
+@pytest.mark.slow
+def test_stream_memory_measures_every_stage_afresh_at_n_and_2n(tmp_path):
+    bench = script("stream_memory")
+    stale = tmp_path / "work" / "cache-32px-200" / "stale"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("a stage cached by an earlier run")
+    args = ["--n", "200", "--size", "32", "--test", "60", "--teacher-epochs", "0",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path),
+            "distill.student=tiny_cnn", "distill.train.epochs=5", "distill.train.batch_size=32",
+            "distill.train.lr=0.003"]  # fmt: skip
+    assert bench.main(args) == 0
+    assert not stale.exists()  # the cache was emptied: every stage ran, none was read back
+    runs = json.loads((tmp_path / "stream_memory.json").read_text())["runs"]
+    assert list(runs) == ["200", "400"]
+    assert all(list(r) == list(bench.STAGES) for r in runs.values())
+    assert all(200 < s["rss_mb"] < 8000 for r in runs.values() for s in r.values())
+    assert len(list((tmp_path / "work" / "fashion-32px-400").rglob("*.png"))) == 400 + 60
+    table = (tmp_path / "stream_memory.md").read_text()
+    assert re.findall(r"^\| (data|teacher|distill) \|", table, re.M) == list(bench.STAGES)
+
+
 def test_gpu_check_is_valid_bash_naming_files_that_exist():
     """benchmarks/gpu_check.sh runs only on a GPU machine; here: its syntax, and every script
     and test file it names is in the repository."""
