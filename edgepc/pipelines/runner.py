@@ -295,7 +295,12 @@ def _run_stage(
     log = lambda metrics, step: tracker.log_metrics(metrics, step)  # noqa: E731
     ctx = StageContext(workdir, device, log, progress, run_id, tracker)
     sections = [getattr(config, name) for name in stage.sections]
-    result = stage.run(*sections, *upstream, ctx)
+    try:
+        result = stage.run(*sections, *upstream, ctx)
+    except BaseException:
+        if not any(workdir.iterdir()):  # failed before writing: nothing to resume, no folder
+            workdir.rmdir()
+        raise
     _save_result(workdir, result)
     for name in result.files.values():
         path = workdir / name
