@@ -90,9 +90,9 @@ def report(result: dict) -> str:
         f"Image folders of {n:,} and {2 * n:,} Fashion-MNIST training images as "
         f"{result['size']} px RGB PNGs (plus {result.get('test', 2000):,} test images), "
         "`imagefolder` streamed from disk; EfficientNet-Lite0 teacher "
-        f"({result['teacher_epochs']} epochs of fine-tuning), "
+        f"(fine-tuned for {result['teacher_epochs']} epoch(s)), "
         "MobileNetV2-0.5 student (PC, 1 epoch). Each stage ran in a process of its own, the "
-        "stages before it cached.",
+        "stages before it cached. Seconds depend on what else runs on the machine; RSS does not.",
         "",
         f"| stage | peak RSS, N (MB) | peak RSS, 2N (MB) | 2N / N | ≤ {BOUND} | decoding workers, "
         "N / 2N (MB) | seconds, N / 2N |",
