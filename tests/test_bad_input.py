@@ -132,8 +132,7 @@ def test_bad_input_is_one_typed_line(
     assert err[0].startswith("error: "), err[0]
     assert says in err[0], err[0]
     assert not (Path(names["tmp"]) / "pwned").exists()  # the pickle's command never ran
-    cache = tmp_path / "cache"
-    left = [d.name for d in cache.glob("*/") if not any(d.iterdir())] if cache.is_dir() else []
+    left = [d.name for d in (tmp_path / "cache").glob("*/") if not any(d.iterdir())]
     assert left == []  # no empty stage folder left behind
 
 
