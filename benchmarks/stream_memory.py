@@ -88,7 +88,7 @@ def report(result: dict) -> str:
         f"{result['when']} · {result['machine']} · `{result['command']}`",
         "",
         f"Image folders of {n:,} and {2 * n:,} Fashion-MNIST training images as "
-        f"{result['size']} px RGB PNGs (plus {result.get('test', 2000):,} test images), "
+        f"{result['size']} px RGB PNGs (plus {result['test']:,} test images), "
         "`imagefolder` streamed from disk; EfficientNet-Lite0 teacher "
         f"(fine-tuned for {result['teacher_epochs']} epoch(s)), "
         "MobileNetV2-0.5 student (PC, 1 epoch). Each stage ran in a process of its own, the "
