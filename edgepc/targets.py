@@ -44,6 +44,7 @@ class Target:
     latency: str  # what the validate stage's latency stands for
     int8_parity: Parity = Parity(0.95, 0.15, 0.9)
     tensorrt_engine: bool = False  # built from the file where TensorRT is, else on the device
+    host_is_device: bool = False  # the host runs the file as the device does: its speed counts
 
     def write(self, model: nn.Module, example: torch.Tensor, folder: Path, int8: bool) -> Path:
         """``model`` as this target's file in ``folder``."""
@@ -55,9 +56,10 @@ def _write_cpu(model: nn.Module, example: torch.Tensor, path: Path, int8: bool) 
 
 
 def _write_tensorrt(model: nn.Module, example: torch.Tensor, path: Path, int8: bool) -> Path:
-    """ONNX that TensorRT builds: float weights behind Q/DQ pairs, as TensorRT 8.x parses them,
-    and checked for ops its parser lacks (:func:`edgepc.export.tensorrt.check_onnx`)."""
-    write_onnx(model, example, path)
+    """ONNX that TensorRT builds: int8 weights behind DequantizeLinear (TensorRT's explicit
+    quantization takes them as constants; a quarter of fp32's bytes), activations as Q/DQ
+    pairs, checked for ops its parser lacks (:func:`edgepc.export.tensorrt.check_onnx`)."""
+    write_onnx(model, example, path, int8_weights=int8)
     if int8:
         try:
             check_onnx(path)
@@ -74,6 +76,7 @@ TARGETS: dict[str, Target] = {
             "cpu", ONNXRUNTIME_QDQ, "model.onnx", _write_cpu, "onnxruntime",
             "python3 -m edgepc_device cpu",
             "onnxruntime on this machine's CPU: the target itself",
+            host_is_device=True,
         ),
         Target(
             "mobile", LITERT_INT8, "model.tflite", write_tflite, "ai-edge-litert",

@@ -23,7 +23,7 @@ from edgepc.devices import ingest
 from edgepc.errors import ModelError
 from edgepc.export.bundle import MANIFEST, BundleError, read_manifest
 from edgepc.models import build_model
-from edgepc.models.teachers import load_weights
+from edgepc.models.specs import load_weights
 from edgepc.pipelines import run
 from edgepc.pipelines.config import ConfigError, PipelineConfig, load_config
 from edgepc.tracking import sync

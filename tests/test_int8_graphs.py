@@ -149,7 +149,9 @@ def test_mobile_int8_is_taken_whole_by_xnnpack_with_constant_int8_filters(tmp_pa
 def test_jetson_int8_passes_the_tensorrt_rules(tmp_path, speed, name):
     model, _, path = int8_file(speed, name, "jetson", tmp_path)
     counts = check_onnx(path)  # Q/DQ pairs, zero-point 0, weights per channel on axis 0
-    assert counts["per_channel"] == 2 * (convs(model) + linears(model))  # a Q/DQ per weight
+    assert counts["per_channel"] == convs(model) + linears(model)  # a DQ per int8 weight
+    fp32 = TARGETS["jetson"].write(model, speed.network(name)[1][:2], tmp_path / "fp32", False)
+    assert path.stat().st_size < 0.4 * fp32.stat().st_size  # int8 weights, not float behind Q/DQ
 
 
 def test_litert_plan_sees_ops_that_xnnpack_leaves_out(tmp_path):
@@ -266,3 +268,135 @@ def test_int8_profile_groups_onnxruntimes_node_times_by_op_and_conv_kind(tmp_pat
         ("3×3 conv 16→16", "onnxruntime"), ("3×3 conv 16→16", "LiteRT")]  # fmt: skip
     for row in result["layers"]:
         assert row["speed"] == pytest.approx(row["fp32_ms"] / row["int8_ms"])
+
+
+class Families(torch.nn.Module):
+    """One of each layer family of MobileNetV3, EfficientNet and RegNetY: HardSwish, a
+    squeeze-excitation block with a HardSigmoid gate, SiLU, one with a Sigmoid gate, a
+    concatenation, global means."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
+
+        self.stem = Conv2dNormActivation(3, 16, 3, stride=2, activation_layer=torch.nn.Hardswish)
+        self.se_hard = SqueezeExcitation(16, 8, scale_activation=torch.nn.Hardsigmoid)
+        self.expand = Conv2dNormActivation(16, 16, 3, activation_layer=torch.nn.SiLU)
+        self.se = SqueezeExcitation(16, 8, activation=torch.nn.SiLU)  # Sigmoid gate
+        self.branch = Conv2dNormActivation(16, 16, 1)  # ReLU
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.se_hard(self.stem(x))
+        y = self.se(self.expand(x))
+        return self.fc(self.pool(torch.cat([y, self.branch(x)], 1)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def families():
+    from edgepc.models import EmbeddingModel
+
+    torch.manual_seed(0)
+    model = EmbeddingModel(Families(), "pool")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval(), torch.randn(32, 3, 32, 32)
+
+
+def families_int8(families, target, folder):
+    """(the quantized model with its plan, the int8 graph, its file, the layers left float)"""
+    model, images = families
+    quant = prepare(model, target, images, qat=False)
+    quant.calibrate([images])
+    graph = convert(quant)
+    path = TARGETS[target].write(graph, images[:2], folder, True)
+    floats = {layer.layer: layer.reason for layer in quant.plan.float_layers}
+    return quant, graph, path, floats
+
+
+def assert_parity(target, graph, path, images):
+    """The runtime reproduces the int8 graph within the target's own int8 bounds."""
+    from edgepc.export.parity import parity
+    from edgepc.export.runtimes import open_runtime
+
+    with torch.no_grad():
+        reference = tuple(t.numpy() for t in graph(images))
+    row = parity(reference, open_runtime(path).predict(images.numpy()))
+    bounds = TARGETS[target].int8_parity
+    assert row["top1_agreement"] >= bounds.top1_agreement, row
+    assert row["max_logit_delta"] <= bounds.max_logit_delta, row
+
+
+def test_cpu_runs_sigmoid_silu_and_gates_as_int8_kernels_and_hard_activations_in_float(
+    tmp_path, families
+):
+    """onnxruntime has QLinearSigmoid and QLinearMul (SiLU is split into both) but no int8
+    HardSwish, HardSigmoid or ReduceMean: those run in float, and the plan says so."""
+    quant, graph, path, floats = families_int8(families, "cpu", tmp_path)
+    ops = onnxruntime_ops(path)
+    assert not float_compute(ops), ops
+    assert ops["com.microsoft.QLinearConv"] == 7, ops  # stem, 2 × 2 gate convs, expand, branch
+    assert ops["com.microsoft.QLinearSigmoid"] == 3, ops  # the gate, 2 SiLU
+    assert ops["com.microsoft.QLinearMul"] == 4, ops  # 2 gates, 2 SiLU
+    assert ops["com.microsoft.QLinearConcat"] == 1, ops
+    assert ops["Sigmoid"] == 0, ops
+    assert ops["HardSigmoid"] == 2, ops  # HardSwish = x · HardSigmoid(x), and the gate
+    reason = "no int8 kernel in onnxruntime"
+    assert floats == {"stem.2": reason, "se_hard.scale_activation": reason,
+                      "se_hard.avgpool": reason, "se.avgpool": reason, "pool": reason,
+                      "": reason}, floats  # the embedding's mean  # fmt: skip
+    assert quant.plan.summary().startswith(f"int8 layers: {len(quant.plan.layers) - 6} of ")
+    assert_parity("cpu", graph, path, families[1])
+
+
+def test_mobile_takes_every_family_whole_in_xnnpack_as_int8(tmp_path, families):
+    """XNNPACK has no int8 HARD_SWISH (TFLite's own kernel would split the delegate) and
+    TFLite no HardSigmoid: both are written as int8 ADD / MUL, so one delegate runs it all."""
+    _, graph, path, floats = families_int8(families, "mobile", tmp_path)
+    plan = litert_plan(path)
+    assert plan.delegated_whole_graph, plan.ops
+    assert plan.float_ops == plan.float_weights == plan.constant_transforms == []
+    assert (plan.ops["HARD_SWISH"], plan.ops["LOGISTIC"]) == (0, 3), plan.ops
+    assert plan.ops["CONV_2D"] + plan.ops["DEPTHWISE_CONV_2D"] == 7, plan.ops
+    assert floats == {}
+    assert_parity("mobile", graph, path, families[1])
+
+
+def test_jetson_leaves_point_wise_families_to_tensorrt(tmp_path, families):
+    """TensorRT's Q/DQ go where NVIDIA places them (inputs of convs, linears, adds); it fuses
+    the activations and gates in between itself."""
+    _, graph, path, floats = families_int8(families, "jetson", tmp_path)
+    counts = check_onnx(path)
+    assert counts["per_channel"] == 7 + 1  # an int8 weight per conv and linear
+    reason = TARGETS["jetson"].recipe.float_reason
+    assert {layer for layer, why in floats.items() if why == reason} == {
+        "stem.2", "se_hard", "se_hard.scale_activation", "expand.2", "se", "se.activation",
+        "se.scale_activation"}  # fmt: skip
+    assert_parity("jetson", graph, path, families[1])
+
+
+@pytest.mark.parametrize("target", ["cpu", "mobile"])
+def test_mobilenet_v3_small_int8(tmp_path, target):
+    """torchvision's MobileNetV3-Small, as a student names it: every conv int8; on mobile every
+    layer, in one XNNPACK delegate; on cpu only its hard activations and means in float."""
+    from edgepc.models.specs import model_from_spec
+
+    torch.manual_seed(0)
+    model, _ = model_from_spec("torchvision:mobilenet_v3_small", 10, 3, 96)
+    images = torch.randn(8, 3, 96, 96)
+    quant = prepare(model.eval(), target, images, qat=False)
+    quant.calibrate([images])
+    path = TARGETS[target].write(convert(quant), images[:2], tmp_path, True)
+    float_ops = Counter(layer.ops[0] for layer in quant.plan.float_layers)
+    if target == "cpu":
+        assert float_ops == {"hardswish": 19, "hardsigmoid": 9, "mean": 10}, float_ops
+        assert onnxruntime_ops(path)["com.microsoft.QLinearConv"] == convs(model)
+    else:
+        assert float_ops == {}
+        plan = litert_plan(path)
+        assert plan.delegated_whole_graph, plan.ops
+        assert plan.float_ops == []
+        assert plan.ops["CONV_2D"] + plan.ops["DEPTHWISE_CONV_2D"] == convs(model)

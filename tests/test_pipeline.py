@@ -357,6 +357,24 @@ def test_a_teacher_checkpoint_is_keyed_by_its_bytes_not_its_path(tmp_path):
     assert teacher_key(tmp_path / "none.pt") != teacher_key(tmp_path / "b.pt")
 
 
+def test_a_student_checkpoint_keys_the_distill_stage_by_its_bytes(tmp_path):
+    base = stage_keys(load_config("cpu"))
+
+    def keys(path):
+        return stage_keys(load_config("cpu", overrides=[f"distill.student_checkpoint={path}"]))
+
+    assert stage_keys(load_config("cpu", overrides=["distill.student_checkpoint=null"])) == base
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "s.pt").write_bytes(b"weights")
+    (tmp_path / "b.pt").write_bytes(b"weights")
+    first = keys(tmp_path / "a" / "s.pt")
+    assert first["teacher"] == base["teacher"]
+    assert first["distill"] != base["distill"]
+    assert keys(tmp_path / "b.pt") == first
+    (tmp_path / "b.pt").write_bytes(b"other weights")
+    assert keys(tmp_path / "b.pt")["distill"] != first["distill"]
+
+
 @pytest.mark.slow
 def test_a_64_px_rgb_image_folder_goes_through_every_stage_and_onto_the_device(tmp_path, store):
     """Fashion-MNIST written as 64-px RGB PNGs: the size and the channels reach the models (the

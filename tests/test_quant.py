@@ -15,7 +15,7 @@ from edgepc.errors import QuantError, TrainingError
 from edgepc.export.tensorrt import check_onnx
 from edgepc.export.writers import write_onnx, write_tflite
 from edgepc.models import EmbeddingModel, build_model
-from edgepc.quant import check_supported, convert, prepare, quantized, restore
+from edgepc.quant import convert, prepare, quantized, restore
 from edgepc.quant.finetune import Split, ptq, qat, score
 
 CPU = torch.device("cpu")
@@ -97,25 +97,41 @@ def test_weight_bits_other_than_7_or_8_are_refused(data, models):
         ptq(models[1], "cpu", x[:8], norm, weight_bits=6)
 
 
-def test_unsupported_layer_is_named():
+def test_a_layer_without_an_int8_kernel_stays_float_and_is_named_in_the_plan(tmp_path):
+    """GELU has no int8 kernel anywhere: the student still quantizes and exports, GELU runs in
+    float between a DequantizeLinear and the next conv's QuantizeLinear, and the plan says so."""
+    import onnx
+
+    from edgepc.targets import TARGETS
+
     class WithGelu(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(1, 4, 3)
             self.act = nn.GELU()
+            self.conv2 = nn.Conv2d(4, 4, 3)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(4, 10)
 
         def forward(self, x):
-            return self.fc(self.pool(self.act(self.conv(x))).flatten(1))
+            return self.fc(self.pool(self.conv2(self.act(self.conv(x)))).flatten(1))
 
     model = EmbeddingModel(WithGelu(), "pool")
-    with pytest.raises(QuantError, match=r"layer 'act' \(GELU\) has no int8 kernel in the jetson"):
-        prepare(model, "jetson", torch.randn(2, 1, 28, 28))
-    with pytest.raises(QuantError, match="no int8 recipe for target 'gpu'"):
-        check_supported(model.model, "gpu")
-    for name in ("tiny_cnn", "mobilenetv2_0.5", "shufflenetv2_0.5", "resnet18"):
-        check_supported(build_model(name).model, "mobile")  # the zoo's students pass
+    x = torch.randn(8, 1, 28, 28)
+    for target in ("cpu", "mobile", "jetson"):
+        quant = prepare(model, target, x, qat=False)
+        plan = {layer.layer: layer for layer in quant.plan.layers}
+        assert plan["act"].int8 is False
+        assert plan["act"].reason == TARGETS[target].recipe.float_reason
+        assert [plan[name].int8 for name in ("conv", "conv2", "fc")] == [True] * 3
+        assert "1 gelu" in quant.plan.summary().split("float: ")[1]
+    quant.calibrate([x])
+    path = TARGETS["cpu"].write(convert(prepare(model, "cpu", x, qat=False)), x[:2], tmp_path,
+                                True)  # fmt: skip
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    gelu = ops.index("Gelu") if "Gelu" in ops else ops.index("Erf")
+    assert ops[gelu - 1] == "DequantizeLinear" or "DequantizeLinear" in ops[:gelu]
+    assert "QuantizeLinear" in ops[gelu:]  # re-quantized for conv2
 
 
 def test_qat_fine_tuning_reduces_coherence_loss(data, models):
@@ -277,17 +293,13 @@ def test_train_and_eval_of_a_quant_model_trace_their_patterns_once(data, models,
 
 
 def test_patterns_of_convs_the_recipes_refuse_are_not_traced(data, models):
-    """torchao's conv1d / transposed-conv patterns get a pattern that matches nothing: those
-    layers never reach a prepared graph (check_supported refuses them), and the pattern indeed
-    matches nothing in a real one."""
+    """torchao's conv1d / transposed-conv patterns get a pattern that matches nothing: no
+    recipe quantizes those layers, and the pattern indeed matches nothing in a real graph."""
     from torch.fx.subgraph_rewriter import replace_pattern_with_filters
     from torchao.quantization.pt2e import utils
 
     from edgepc.quant import model as quant_model
 
-    for layer in (nn.Conv1d(1, 4, 3), nn.ConvTranspose1d(1, 4, 3), nn.ConvTranspose2d(1, 4, 3)):
-        with pytest.raises(QuantError, match="has no int8 kernel"):
-            check_supported(nn.Sequential(layer), "cpu")
     assert set(quant_model._ABSENT_CONVS) == {F.conv1d, F.conv_transpose1d, F.conv_transpose2d}
     x, _, _, _, norm = data
     real = utils._get_aten_graph_module_for_pattern

@@ -98,6 +98,7 @@ class Manifest(_Strict):
     edgepc_version: str
     mlflow_run_id: str | None = None
     engine: Engine | None = None
+    precision_plan: dict | None = None  # int8 files: edgepc.quant.PrecisionPlan.to_json()
 
     def entry(self, name: str) -> FileEntry:
         for entry in self.files:
@@ -232,9 +233,11 @@ def write_bundle(
     normalisation: Normalise,
     classes: list[str],
     run_id: str | None = None,
+    plan: dict | None = None,
 ) -> Manifest:
     """Write ``model`` (``source``: fp32, or the qat / ptq int8 graph) for ``target`` into
-    ``folder`` with the test set and, last, the manifest. ``example``: a normalised batch."""
+    ``folder`` with the test set and, last, the manifest (with the int8 graph's precision
+    ``plan``). ``example``: a normalised batch."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = get_target(target)
     path = spec.write(model, example, folder, source != "fp32")
@@ -255,6 +258,7 @@ def write_bundle(
         files=[file_entry(path), file_entry(folder / TESTSET)],
         edgepc_version=__version__,
         mlflow_run_id=run_id,
+        precision_plan=plan,
     )
     write_manifest(manifest, folder)
     return manifest

@@ -29,7 +29,8 @@ INTEGER_OPS = {
 SUPPORTED = {
     *QDQ,
     "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv",
-    "Div", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool",
+    "Div", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "HardSigmoid", "HardSwish",
+    "Identity", "MatMul", "MaxPool",
     "Mul", "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split",
     "Squeeze", "Sub", "Transpose", "Unsqueeze",
 }  # fmt: skip

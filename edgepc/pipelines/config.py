@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepc.distill.losses import loss_class
-from edgepc.errors import EdgepcError
+from edgepc.errors import EdgepcError, ModelError
+from edgepc.models.specs import check_spec
 from edgepc.targets import TARGETS, TargetName
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped with the package
@@ -101,11 +102,21 @@ class DistillSection(Section):
     by the pipeline seed; None: all), initialised and shuffled by ``seed`` (None: the pipeline
     seed), so that seeds of one study share the data split and the teacher."""
 
-    student: str = "mobilenetv2_0.5"
+    student: str = "mobilenetv2_0.5"  # a zoo name or torchvision:<architecture>
+    student_checkpoint: str | None = None  # a state dict to start the student from
     train: TrainSection = TrainSection(alpha=0.0, beta=1.0)
     train_limit: int | None = Field(None, ge=10)
     seed: int | None = None
     pc_eval_limit: int | None = Field(5000, ge=3)
+
+    @field_validator("student")
+    @classmethod
+    def _known(cls, student: str) -> str:
+        try:
+            check_spec(student, "student")
+        except ModelError as error:
+            raise ValueError(str(error)) from None
+        return student
 
 
 class QATSection(Section):

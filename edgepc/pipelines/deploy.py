@@ -55,7 +55,7 @@ from edgepc.pipelines.stages import (
     prepare_data,
     teacher_outputs,
 )
-from edgepc.quant import convert, restore
+from edgepc.quant import PrecisionPlan, convert, restore
 from edgepc.targets import get_target
 from edgepc_device.bundle import load_testset, normalise
 from edgepc_device.validate import accuracy
@@ -115,13 +115,14 @@ def export_stage(
     for name in tqdm(_bundle_names(target, section.ptq), desc="export", disable=not ctx.progress):
         source = SOURCES[name.removeprefix(f"{target}-")]
         model: torch.nn.Module = fp32
+        plan = None
         if source != "fp32":
             state = torch.load(qat.file(source), weights_only=True)
             quant = restore(fp32, target, example, state, source == "qat", qat.facts.weight_bits)
-            model = convert(quant)
+            model, plan = convert(quant), quant.plan.to_json()
         folder = ctx.workdir / name
         manifest = write_bundle(folder, model, example, target, source, testset, norm,
-                                data.facts.classes, ctx.run_id)  # fmt: skip
+                                data.facts.classes, ctx.run_id, plan)  # fmt: skip
         with torch.no_grad():
             reference = tuple(t.numpy() for t in model(torch.from_numpy(x)))
         rows[name] = parity(reference, open_runtime(folder / manifest.model).predict(x))
@@ -214,9 +215,10 @@ def validate_stage(
     for name, timing in time_bundles(folders, section.latency).items():
         rows[name] |= timing
     speed_ratios(rows, target, threads)
-    table = validation_table(rows, fp32_top1, threads, section.max_drop)
     spec = get_target(target)
+    table = validation_table(rows, fp32_top1, threads, section.max_drop, spec.host_is_device)
     table += f"\nLatency: {spec.latency}; on the device: `{spec.device_command} BUNDLE`.\n"
+    table += precision_plans([export.file(name) for name in rows])
     write_text(
         ctx.workdir / "validation.md",
         f"# {target}: every artifact in its runtime (full test split)\n\n{table}",
@@ -236,12 +238,26 @@ def validate_stage(
     return StageResult(metrics, files, ValidateFacts(rows, table))
 
 
+def precision_plans(folders: list[Path]) -> str:
+    """One line per int8 bundle: how many of its layers run in int8, which stay float and why."""
+    lines = [
+        f"- {manifest.name}: {PrecisionPlan.from_json(manifest.precision_plan).summary()}"
+        for manifest in map(read_manifest, folders)
+        if manifest.precision_plan is not None
+    ]
+    return "\nPrecision plans:\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def validation_table(
-    rows: dict[str, dict[str, float]], fp32_top1: float, threads: list[int], max_drop: float
+    rows: dict[str, dict[str, float]],
+    fp32_top1: float,
+    threads: list[int],
+    max_drop: float,
+    host_is_device: bool = True,
 ) -> str:
     """Markdown: per artifact top-1, its drop vs the fp32 student, coherence, latency and its
     speed against the fp32 artifact (same run, interleaved), size; then, plainly, every int8
-    artifact that is slower than fp32."""
+    artifact that is slower than fp32, where this host runs the file as the device does."""
     timing = " | ".join(f"p50 / p99 ms ({t} thr) | speed vs fp32 ({t} thr)" for t in threads)
     lines = [
         f"fp32 PyTorch student: top-1 {fp32_top1:.4f}; gate: drop ≤ {max_drop} points",
@@ -263,7 +279,10 @@ def validation_table(
             f"{row['test_pc_triplet_agreement']:.4f} | {' | '.join(cells)} | "
             f"{row['size_mb']:.3f} |"
         )
-    if slower:
+    if not host_is_device:
+        lines += ["", "Speeds here are this host's, not the device's: they give no verdict on "
+                  "int8 there."]  # fmt: skip
+    elif slower:
         lines += ["", f"**int8 is slower than fp32 here**: {', '.join(slower)}."]
     elif any("int8" in name for name in rows) and any("fp32" in name for name in rows):
         lines += ["", "Every int8 artifact is faster than its fp32 sibling at every thread count."]

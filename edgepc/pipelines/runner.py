@@ -127,6 +127,7 @@ KEY_NEUTRAL_DEFAULTS = {
     "image_size": None,
     "channels": None,
     "in_memory": False,
+    "student_checkpoint": None,
 }
 
 
@@ -154,6 +155,9 @@ def stage_key(stage: Stage, config: PipelineConfig, upstream_keys: list[str]) ->
         teacher["checkpoint"] = _file_digest(teacher["checkpoint"])
     if is_program(teacher["model"]):
         teacher["model"] = _file_digest(teacher["model"])
+    distill = dumped["distill"]
+    if distill.get("student_checkpoint"):
+        distill["student_checkpoint"] = _file_digest(distill["student_checkpoint"])
     content = {
         "stage": stage.name,
         "config": {s: dumped[s] for s in stage.sections},

@@ -33,7 +33,8 @@ from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
 from edgepc.errors import TrainingError
 from edgepc.files import npy_rows, write_text
-from edgepc.models import EmbeddingModel, build_model
+from edgepc.models import EmbeddingModel
+from edgepc.models.specs import model_from_spec
 from edgepc.models.teachers import ProgramTeacher, reload_teacher, save_teacher, teacher_model
 from edgepc.pipelines.config import (
     DataSection,
@@ -205,8 +206,10 @@ def data_stage(section: DataSection, seed: int, ctx: StageContext) -> StageResul
     return StageResult(metrics, {"splits": "splits.pt", "summary": "data.json"}, facts)
 
 
-def _build(name: str, data: Output[DataFacts]) -> EmbeddingModel:
-    return build_model(name, *data.facts.model_shape)
+def _build(spec: str, data: Output[DataFacts], checkpoint: str | None = None) -> EmbeddingModel:
+    """The student ``spec`` names (a zoo name or ``torchvision:<arch>``) for the data."""
+    start = Path(checkpoint) if checkpoint else None
+    return model_from_spec(spec, *data.facts.model_shape, start, "student")[0]
 
 
 def subset(size: int, limit: int | None, seed: int) -> torch.Tensor:
@@ -318,7 +321,7 @@ def distill_stage(
     keep = subset(len(prepared.train), section.train_limit, seed)  # the pipeline's seed
     seed = seed if section.seed is None else section.seed
     torch.manual_seed(seed)
-    student = _build(section.student, data)
+    student = _build(section.student, data, section.student_checkpoint)
     images, labels = prepared.dataset.train_images, prepared.dataset.train_labels
     train = outputs["train"]
     cached = TeacherTargets(rows(train["logits"], keep), rows(train["embeddings"], keep))
@@ -460,12 +463,17 @@ def qat_stage(
     table = {name: scores(model, test) for name, model in models.items()}
     start = {"fp32": scores(fp32, val), "ptq": scores(models["ptq"], val)}
     plot_qat(curves, start, ctx.workdir / "triplet_agreement.png", f"{target} int8")
-    write_text(ctx.workdir / "before_after.md", before_after(table, target))
+    plan = ptq.plan  # QAT quantizes the same places
+    write_text(ctx.workdir / "precision_plan.json", json.dumps(plan.to_json(), indent=2))
+    write_text(ctx.workdir / "before_after.md",
+               before_after(table, target) + f"\nPrecision plan: {plan.summary()}\n")  # fmt: skip
     metrics = {f"{name}_test_{k}": v for name, row in table.items() for k, v in row.items()}
+    metrics |= {"layers": len(plan.layers), "float_layers": len(plan.float_layers)}
     for name, history in curves.items():  # the last epoch on the validation split (fake quant)
         metrics |= {f"{name}_{k}": v for k, v in history[-1].items() if k.startswith("val_")}
     files = {name: f"{name}_student.pt" for name in ("ptq", *variants)}
-    files |= {"table": "before_after.md", "plot": "triplet_agreement.png"}
+    files |= {"table": "before_after.md", "plot": "triplet_agreement.png",
+              "plan": "precision_plan.json"}  # fmt: skip
     return StageResult(metrics, files, QATFacts(target, bits, table))
 
 

@@ -5,14 +5,14 @@
 """
 
 from edgepc.quant.model import MAX_BATCH, QuantModel, convert, prepare, quantized, restore
-from edgepc.quant.recipes import SUPPORTED, Recipe, check_supported, quantizer
+from edgepc.quant.plan import PrecisionPlan
+from edgepc.quant.recipes import Recipe, quantizer
 
 __all__ = [
     "MAX_BATCH",
-    "SUPPORTED",
+    "PrecisionPlan",
     "QuantModel",
     "Recipe",
-    "check_supported",
     "convert",
     "prepare",
     "quantized",

@@ -24,7 +24,8 @@ from torch.export import Dim
 from edgepc.errors import QuantError
 from edgepc.models import EmbeddingModel
 from edgepc.quant import recipes
-from edgepc.quant.recipes import check_supported, quantizer
+from edgepc.quant.plan import PrecisionPlan
+from edgepc.quant.recipes import quantizer
 
 MAX_BATCH = 4096
 
@@ -43,6 +44,7 @@ class QuantModel(nn.Module):
         self.qat = qat
         self.weight_bits = recipes.weight_bits(target, weight_bits)
         self.observers_frozen = False
+        self.plan: PrecisionPlan | None = None  # set by prepare
         self.train(qat)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,7 +99,6 @@ def prepare(
 
     ``example`` is a normalised input batch of at least 2 images (batch norm trains in QAT).
     """
-    check_supported(model.model, target)
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
     model = copy.deepcopy(model).to("cpu").train(qat)
@@ -106,9 +107,12 @@ def prepare(
         warnings.simplefilter("ignore")
         exported = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
         insert = prepare_qat_pt2e if qat else prepare_pt2e
+        marks = quantizer(target, qat, weight_bits)
         with _memoised_patterns():
-            graph = insert(exported.module(), quantizer(target, qat, weight_bits))
-    return QuantModel(graph, target, qat, weight_bits)
+            graph = insert(exported.module(), marks)
+    quant = QuantModel(graph, target, qat, weight_bits)
+    quant.plan = marks.plan
+    return quant
 
 
 def restore(
@@ -136,7 +140,9 @@ def restore(
 def quantized(model: QuantModel) -> QuantModel:
     """The int8 graph of ``model`` (see :func:`convert`) behind the same interface, for scoring
     what the runtimes will execute. PTQ needs it: its prepared graph only observes."""
-    return QuantModel(convert(model), model.target, qat=False, weight_bits=model.weight_bits)
+    graph = QuantModel(convert(model), model.target, qat=False, weight_bits=model.weight_bits)
+    graph.plan = model.plan
+    return graph
 
 
 def convert(model: QuantModel) -> torch.fx.GraphModule:
@@ -198,9 +204,9 @@ def round_biases(graph: torch.fx.GraphModule) -> int:
 _PATTERNS: dict[tuple, torch.fx.GraphModule] = {}
 
 
-# torchao also rewrites conv1d and transposed-conv patterns (72 of the 96 it traces per
-# convert), which cannot occur here: check_supported refuses those layers. They are given a
-# pattern that matches nothing, which is what tracing them would amount to.
+# torchao also rewrites conv1d and transposed-conv patterns with their batch norms (72 of the 96
+# it traces per convert). No recipe quantizes those layers, so they stay float and their batch
+# norm need not be folded: they are given a pattern that matches nothing, and run as written.
 _ABSENT_CONVS = (F.conv1d, F.conv_transpose1d, F.conv_transpose2d)
 
 

@@ -1,28 +1,35 @@
 """What int8 means on each target, as a PT2E quantizer (torchao's public quantizer API), and
-which layers it takes.
+which layers it takes: exactly those its runtime runs with int8 kernels. The rest stay float,
+between a DequantizeLinear and the next QuantizeLinear, and the precision plan
+(:mod:`edgepc.quant.plan`) names each of them and why.
 
-Every target quantizes the same places, the places its runtime fuses into int8 kernels:
+Every target quantizes:
 
-- each conv / linear takes a quantized input and int8 weights, symmetric per output channel
-  (axis 0, zero-point 0); its output is quantized after its batch norm and its ReLU / ReLU6,
-  so the clamp becomes the quantized range and costs nothing at run time;
-- each residual add takes quantized inputs and quantizes its output (after its ReLU);
-- layout and pooling ops inside the network (max-pool, flatten, view, transpose, chunk) keep
-  their input's scale, so runtimes run them on int8 data; a concatenation quantizes its output.
+- each conv / linear: a quantized input and int8 weights, symmetric per output channel (axis
+  0, zero-point 0); its output is quantized after its batch norm and its ReLU / ReLU6, so the
+  clamp becomes the quantized range and costs nothing at run time;
+- each residual add: quantized inputs, its output quantized (after its ReLU);
+- layout ops inside the network (max-pool, flatten, view, transpose, chunk) keep their input's
+  scale; a concatenation quantizes its output.
 
-The targets differ in the types their runtime's int8 kernels take:
+Beyond those, a recipe lists the op families its runtime has int8 kernels for
+(:attr:`Recipe.int8_ops`), read from each runtime's own kernel coverage:
 
-- ``cpu`` (onnxruntime QDQ): uint8 activations, affine (zero-point 0 after a ReLU), and 7-bit
-  weights (±63), the u8·s8 form of onnxruntime's x86 kernels. On x86 CPUs without VNNI those
-  kernels add each pair of products in a saturating int16 (``vpmaddubsw``): 255 × 63 × 2 <
-  32,767 keeps them exact, where ±127 weights drift. onnxruntime's exact mode (its slower
-  uint8 × uint8 kernels, :func:`edgepc_device.runtimes.x86_without_vnni`) widens only weights
-  outside ±64, so one file runs exactly and on the fast kernels on every x86 CPU, VNNI or not.
-  The ONNX writer stores biases as int32;
-- ``mobile`` (LiteRT full-integer, the TFLite int8 spec): int8 activations, affine, ±127
-  weights;
-- ``jetson`` (TensorRT explicit quantization): int8, symmetric (zero-point 0 everywhere), ±127
-  weights.
+- ``cpu`` (onnxruntime QDQ): element-wise ``mul`` (QLinearMul, the squeeze-excitation gate)
+  and ``sigmoid`` (QLinearSigmoid); SiLU is split into sigmoid and mul to use both. No int8
+  HardSwish, HardSigmoid or ReduceMean: those run in float. Activations are uint8, affine
+  (zero-point 0 after a ReLU), with 7-bit weights (±63), the u8·s8 form of onnxruntime's x86
+  kernels: on x86 CPUs without VNNI those kernels add each pair of products in a saturating
+  int16 (``vpmaddubsw``), and 255 × 63 × 2 < 32,767 keeps them exact where ±127 weights
+  drift. onnxruntime's exact mode (:func:`edgepc_device.runtimes.x86_without_vnni`) widens
+  only weights outside ±64, so one file runs exactly and on the fast kernels on every x86 CPU;
+- ``mobile`` (LiteRT full-integer, the TFLite int8 spec, XNNPACK): also ``hardswish``
+  (HARD_SWISH), ``sigmoid`` (LOGISTIC, output scale 1/256 as the spec fixes it), ``mul`` and
+  ``mean`` (MEAN); HardSigmoid has no TFLite kernel. int8 activations, affine, ±127 weights;
+- ``jetson`` (TensorRT explicit quantization): Q/DQ where NVIDIA places them, at the inputs of
+  convs, linears and residual adds; TensorRT fuses the point-wise ops in between (activations,
+  gates) into those kernels in its own precision. int8, symmetric (zero-point 0 everywhere),
+  ±127 weights.
 
 ``weight_bits`` (7 or 8) overrides a recipe's weights, e.g. 8 for a fleet of VNNI CPUs.
 """
@@ -33,7 +40,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from edgepc.errors import QuantError
 
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
         Quantizer,
     )
 
+    from edgepc.quant.plan import PrecisionPlan
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -52,31 +60,27 @@ class Recipe:
     symmetric_activations: bool
     weight_bits: int
     int32_bias: bool  # the runtime adds biases as int32 in units of input × weight scale
+    runtime: str  # whose int8 kernels the recipe follows
+    int8_ops: frozenset[str]  # op families (keys of FAMILIES) with int8 kernels in it
+    split: frozenset[str]  # activations rewritten into int8 ops of it (split_activations)
     description: str
+    left_float: str = ""  # why the other ops stay float (default: no int8 kernel in runtime)
+
+    @property
+    def float_reason(self) -> str:
+        return self.left_float or f"no int8 kernel in {self.runtime}"
 
 
-ONNXRUNTIME_QDQ = Recipe(torch.uint8, False, 7, True,
+CORE = frozenset({"conv", "linear", "add", "cat"})  # every runtime's int8 kernels
+ONNXRUNTIME_QDQ = Recipe(torch.uint8, False, 7, True, "onnxruntime", CORE | {"mul", "sigmoid"},
+                         frozenset({"silu"}),
                          "onnxruntime QDQ, u8 activations, 7-bit weights")  # fmt: skip
-LITERT_INT8 = Recipe(torch.int8, False, 8, True, "LiteRT full-integer int8")
-TENSORRT_QDQ = Recipe(torch.int8, True, 8, False,
-                      "TensorRT explicit quantization (Q/DQ, zero-point 0)")  # fmt: skip
-
-# Layers every target's int8 kernels cover (conv / linear with folded batch norm, ReLU-family
-# activations, pooling); anything else is refused up front rather than left in float.
-SUPPORTED = (
-    nn.Conv2d,
-    nn.Linear,
-    nn.BatchNorm2d,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.Flatten,
-    nn.Dropout,
-    nn.Identity,
-)
+LITERT_INT8 = Recipe(torch.int8, False, 8, True, "LiteRT", CORE | {"mul", "sigmoid", "mean"},
+                     frozenset({"silu", "hardswish", "hardsigmoid"}),
+                     "LiteRT full-integer int8")  # fmt: skip
+TENSORRT_QDQ = Recipe(torch.int8, True, 8, False, "TensorRT", CORE | {"mean"}, frozenset(),
+                      "TensorRT explicit quantization (Q/DQ, zero-point 0)",
+                      "no Q/DQ: TensorRT fuses it with its int8 neighbours")  # fmt: skip
 
 
 def recipe(target: str) -> Recipe:
@@ -89,27 +93,15 @@ def recipe(target: str) -> Recipe:
     return TARGETS[target].recipe
 
 
-def check_supported(model: nn.Module, target: str) -> None:
-    """Raise QuantError naming the first layer that the target's int8 recipe cannot take."""
-    recipe(target)
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # may be empty, e.g. a stride-1
-    for name, module in model.named_modules():  # ShuffleNet block's branch1
-        leaf = next(module.children(), None) is None and not isinstance(module, containers)
-        if leaf and not isinstance(module, SUPPORTED):
-            supported = ", ".join(t.__name__ for t in SUPPORTED)
-            raise QuantError(
-                f"layer {name!r} ({type(module).__name__}) has no int8 kernel in the {target} "
-                f"recipe; supported layers: {supported}. Replace it or pick another student"
-            )
-
-
 aten = torch.ops.aten
 WEIGHTED = {aten.conv2d.default, aten.linear.default}
 NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 CLAMPS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
 ADDS = {aten.add.Tensor, aten.add_.Tensor}
+MULS = {aten.mul.Tensor, aten.mul_.Tensor}
 SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
 AVERAGES = {aten.mean.dim, aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default}
+SILUS = {aten.silu.default, aten.silu_.default}
 # Ops that move or select int8 values without arithmetic: they keep their input's scale.
 KEEP_SCALE = {
     aten.max_pool2d.default,
@@ -120,7 +112,23 @@ KEEP_SCALE = {
     aten.permute.default,
     aten.contiguous.default,
     aten.dropout.default,
+    aten.dropout_.default,
 }
+# The op families a recipe may run in int8, by the aten ops they are in an exported student.
+FAMILIES: dict[str, set] = {
+    "conv": {aten.conv2d.default},
+    "linear": {aten.linear.default},
+    "add": ADDS,
+    "mul": MULS,
+    "cat": {aten.cat.default},
+    "mean": AVERAGES,
+    "sigmoid": {aten.sigmoid.default, aten.sigmoid_.default},
+    "hardsigmoid": {aten.hardsigmoid.default, aten.hardsigmoid_.default},
+    "hardswish": {aten.hardswish.default, aten.hardswish_.default},
+    "silu": SILUS,  # never int8 as such: split_activations rewrites it
+}
+FAMILY = {op: family for family, ops in FAMILIES.items() for op in ops}
+UNIT_RANGE = {"sigmoid", "hardsigmoid"}  # outputs in [0, 1]: a fixed scale of 1/256
 
 
 WEIGHT_BITS = (7, 8)
@@ -187,17 +195,76 @@ def _sole_user(node: Node, targets: set) -> Node | None:
     return None
 
 
-def annotate(graph: torch.fx.Graph, activation: QuantizationSpec, weight: QuantizationSpec) -> None:
-    """Mark where ``graph`` (an exported student) is quantized, as PT2E annotations, in place."""
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+def annotation(node: Node) -> QuantizationAnnotation | None:
+    return node.meta.get("quantization_annotation")
+
+
+def quantized(node: object) -> bool:
+    """Whether ``node``'s output is an int8 tensor in the annotated graph."""
+    note = annotation(node) if hasattr(node, "meta") else None
+    return note is not None and note.output_qspec is not None
+
+
+def _constant(model: GraphModule, value: float) -> Node:
+    """A get_attr node of the scalar ``value``, a buffer of ``model`` (a quantizable input)."""
+    name = f"_edgepc_constant_{str(value).replace('.', '_').replace('-', 'm')}"
+    if not hasattr(model, name):
+        model.register_buffer(name, torch.full((1, 1, 1, 1), value))
+    return model.graph.get_attr(name)
+
+
+def split_activations(model: GraphModule, recipe: Recipe) -> int:
+    """Rewrite the activations of ``recipe.split`` into int8 ops of its runtime, with the same
+    values: SiLU as ``x · sigmoid(x)``; HardSigmoid as ``relu6(x + 3) · 1/6`` and HardSwish as
+    ``x`` times that (as TensorFlow's MobileNetV3 writes them). Returns how many."""
+    graph = model.graph
+    found = [
+        n for n in graph.nodes if n.op == "call_function" and FAMILY.get(n.target) in recipe.split
+    ]
+    for node in found:
+        family, x = FAMILY[node.target], node.args[0]
+
+        def call(op: object, *args: object, node: Node = node) -> Node:
+            new = graph.call_function(op, args)
+            new.meta = dict(node.meta)  # its layer, for the precision plan
+            return new
+
+        with graph.inserting_before(node):
+            if family == "silu":
+                gate = call(aten.sigmoid.default, x)
+            else:
+                shifted = call(aten.add.Tensor, x, _constant(model, 3.0))
+                gate = call(aten.mul.Tensor, call(aten.hardtanh.default, shifted, 0.0, 6.0),
+                            _constant(model, 1 / 6))  # fmt: skip
+            out = gate if family == "hardsigmoid" else call(aten.mul.Tensor, x, gate)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    if found:
+        model.recompile()
+    return len(found)
+
+
+def annotate(
+    graph: torch.fx.Graph, recipe: Recipe, activation: QuantizationSpec, weight: QuantizationSpec
+) -> None:
+    """Mark where ``graph`` (an exported student) is quantized for ``recipe``, as PT2E
+    annotations, in place."""
+    from torchao.quantization.pt2e.quantizer import (
+        FixedQParamsQuantizationSpec,
+        QuantizationAnnotation,
+        SharedQuantizationSpec,
+    )
+
+    info = torch.iinfo(recipe.activation_dtype)
+    unit = FixedQParamsQuantizationSpec(
+        dtype=recipe.activation_dtype, scale=1 / 256, zero_point=info.min,
+        quant_min=info.min, quant_max=info.max, qscheme=torch.per_tensor_affine,
+    )  # fmt: skip
 
     def mark(node: Node, inputs: dict | None = None, output: object = None) -> None:
         node.meta["quantization_annotation"] = QuantizationAnnotation(
             input_qspec_map=inputs or {}, output_qspec=output, _annotated=True
         )
-
-    def annotation(node: Node) -> QuantizationAnnotation | None:
-        return node.meta.get("quantization_annotation")
 
     def group(node: Node, inputs: dict, follow: tuple[set, ...]) -> None:
         """``node`` with the ops fused into it (its batch norm, then its ReLU / ReLU6):
@@ -210,39 +277,50 @@ def annotate(graph: torch.fx.Graph, activation: QuantizationSpec, weight: Quanti
                 node = nxt
         annotation(node).output_qspec = activation
 
-    def quantized(node: Node) -> bool:
-        return annotation(node) is not None and annotation(node).output_qspec is not None
-
     for node in graph.nodes:
         if node.op != "call_function" or annotation(node) is not None:
             continue
         args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if node.target in WEIGHTED:
+        family = FAMILY.get(node.target)
+        if family in ("conv", "linear"):
             group(node, {args[0]: activation, args[1]: weight}, (NORMS, CLAMPS))
-        elif node.target in ADDS and len(args) == 2:  # not a batch norm's counter += 1
-            group(node, {a: activation for a in args}, (CLAMPS,))
-        elif node.target is aten.cat.default:
+        elif family in ("add", "mul") and len(args) == 2 and family in recipe.int8_ops:
+            group(node, {a: activation for a in args}, (CLAMPS,))  # not a counter += 1
+        elif family == "cat":
             mark(node, {a: activation for a in node.args[0]}, activation)
+        elif family in ("sigmoid", "hardsigmoid", "hardswish") and family in recipe.int8_ops:
+            mark(node, {args[0]: activation}, unit if family in UNIT_RANGE else activation)
+        elif family == "mean" and family in recipe.int8_ops and quantized(args[0]):
+            mark(node, {args[0]: activation}, activation)
         elif node.target in KEEP_SCALE and quantized(args[0]):
             mark(node, {args[0]: activation}, SharedQuantizationSpec((args[0], node)))
         elif node.target in SPLITS and quantized(args[0]):  # int8 in, int8 parts out
             mark(node, {args[0]: activation})
             for part in node.users:
                 mark(part, {}, SharedQuantizationSpec((args[0], node)))
-        elif node.target in AVERAGES and quantized(args[0]):
-            mark(node, {args[0]: activation}, activation)
 
 
 def quantizer(target: str, qat: bool, bits: int | None = None) -> Quantizer:
     """The PT2E quantizer of ``target`` (fake-quant modules for QAT, observers for PTQ) with
-    ``bits``-bit weights (None: the recipe's)."""
+    ``bits``-bit weights (None: the recipe's). Once it has annotated a graph, its ``plan`` is
+    that graph's precision plan."""
     from torchao.quantization.pt2e.quantizer import Quantizer
 
-    activation, weight = _specs(recipe(target), qat, weight_bits(target, bits))
+    from edgepc.quant.plan import precision_plan
+
+    rules = recipe(target)
+    activation, weight = _specs(rules, qat, weight_bits(target, bits))
 
     class EdgeQuantizer(Quantizer):
+        plan: PrecisionPlan | None = None
+
+        def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+            split_activations(model, rules)
+            return model
+
         def annotate(self, model: GraphModule) -> GraphModule:
-            annotate(model.graph, activation, weight)
+            annotate(model.graph, rules, activation, weight)
+            self.plan = precision_plan(model.graph, rules)
             return model
 
         def validate(self, model: GraphModule) -> None:

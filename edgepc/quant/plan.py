@@ -1,0 +1,111 @@
+"""The precision plan of an int8 artifact: which layers of the student run in int8 and which stay
+float, and why. It is read from the graph the recipe annotated (:mod:`edgepc.quant.recipes`), so
+it states what the exported file holds, and the same student and recipe always give it."""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from edgepc.quant.recipes import (
+    CLAMPS,
+    FAMILY,
+    KEEP_SCALE,
+    NORMS,
+    SPLITS,
+    Recipe,
+    annotation,
+)
+
+WRAPPER = "model."  # EmbeddingModel's attribute: layer paths are the student's own
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    layer: str  # the module's path in the student ("" for ops of its own forward)
+    ops: tuple[str, ...]  # op families it computes ("conv", "hardswish", "mul" ...)
+    int8: bool
+    reason: str = ""  # why it stays float
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    runtime: str
+    layers: tuple[LayerPrecision, ...]
+
+    @property
+    def float_layers(self) -> list[LayerPrecision]:
+        return [layer for layer in self.layers if not layer.int8]
+
+    def summary(self) -> str:
+        """One line: ``int8 layers: 66 of 94; float: 19 hardswish, 9 hardsigmoid (no int8
+        kernel in onnxruntime)``."""
+        line = f"int8 layers: {len(self.layers) - len(self.float_layers)} of {len(self.layers)}"
+        by_reason: dict[str, Counter[str]] = {}
+        for layer in self.float_layers:
+            by_reason.setdefault(layer.reason, Counter())["+".join(layer.ops)] += 1
+        parts = [
+            f"{', '.join(f'{n} {ops}' for ops, n in kinds.most_common())} ({reason})"
+            for reason, kinds in by_reason.items()
+        ]
+        return line + (f"; float: {'; '.join(parts)}" if parts else "")
+
+    def to_json(self) -> dict:
+        return {"runtime": self.runtime, "layers": [asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_json(cls, record: dict) -> PrecisionPlan:
+        layers = (LayerPrecision(**(r | {"ops": tuple(r["ops"])})) for r in record["layers"])
+        return cls(record["runtime"], tuple(layers))
+
+
+def _layer(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), ("", None))[0] if stack else ""
+    return "" if path == WRAPPER.rstrip(".") else path.removeprefix(WRAPPER)
+
+
+def _op(node: torch.fx.Node) -> str | None:
+    """The op family a plan lists ``node`` under; None for ops that compute nothing of their
+    own (layout, or a batch norm / clamp fused into the int8 op before it)."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return None
+    if node.target in KEEP_SCALE or node.target in SPLITS:
+        return None
+    if node.target in NORMS | CLAMPS and annotation(node) is not None:
+        return None
+    if node.target in FAMILY:
+        return FAMILY[node.target]
+    return getattr(node.target, "_opname", str(node.target))
+
+
+def precision_plan(graph: torch.fx.Graph, recipe: Recipe) -> PrecisionPlan:
+    """The plan of ``graph``, annotated for ``recipe``: a layer is int8 when every op it
+    computes takes int8 inputs."""
+    ops: dict[str, list[tuple[str, bool, str]]] = {}
+    for node in graph.nodes:
+        family = _op(node)
+        if family is None:
+            continue
+        int8 = annotation(node) is not None
+        reason = ""
+        if not int8:
+            reason = (
+                recipe.float_reason
+                if family not in recipe.int8_ops
+                else "float input or constant operand"
+            )
+        ops.setdefault(_layer(node), []).append((family, int8, reason))
+    layers = tuple(
+        LayerPrecision(
+            layer,
+            tuple(dict.fromkeys(family for family, _, _ in computed)),
+            all(int8 for _, int8, _ in computed),
+            next((reason for _, int8, reason in computed if not int8), ""),
+        )
+        for layer, computed in ops.items()
+    )
+    return PrecisionPlan(recipe.runtime, layers)
