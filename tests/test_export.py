@@ -31,6 +31,7 @@ from edgepc.pipelines.deploy import (
     validation_table,
 )
 from edgepc.pipelines.stages import EmbeddingFacts, ExportFacts, Output, StageContext
+from edgepc.targets import TARGETS
 from edgepc_device.bundle import normalise
 from edgepc_device.runtimes import onnx_session_options, x86_without_vnni
 from tests.conftest import bundle
@@ -284,3 +285,15 @@ def test_the_validation_table_says_plainly_when_int8_is_slower():
     assert "| 1.25× |" in table
     assert "slower" not in table
     assert "Every int8 artifact is faster than its fp32 sibling" in table
+
+
+def test_the_validation_table_gives_no_verdict_from_a_host_that_is_not_the_device():
+    row = {"test_top1": 0.9, "drop_points": 0.0, "test_pc_triplet_agreement": 0.8, "size_mb": 1.0,
+           "p50_ms_1t": 1.0, "p99_ms_1t": 2.0}  # fmt: skip
+    rows = {"jetson-fp32": row | {"speed_vs_fp32_1t": 1.0},
+            "jetson-int8": row | {"speed_vs_fp32_1t": 0.25}}  # fmt: skip
+    table = validation_table(rows, 0.9, [1], 1.0, host_is_device=False)
+    assert "slower" not in table
+    assert "faster" not in table
+    assert "no verdict on int8 there" in table
+    assert [name for name, t in TARGETS.items() if t.host_is_device] == ["cpu"]

@@ -181,6 +181,8 @@ def test_qat_and_ptq_quantize_the_same_places(speed):
         return activations, sum("per_channel" in str(n.target) for n in nodes)
 
     ptq, qat = quantize_ops(False), quantize_ops(True)
+    plans = [prepare(model, "cpu", images, qat=qat).plan for qat in (False, True)]
+    assert plans[0] == plans[1]  # a training graph's batch-norm counters are no layers
     sources = Counter(ptq[0])
     assert sources["aten.hardtanh_.default"] == 35  # after each of the 35 ReLU6, not before
     assert sources["aten.conv2d.default"] == 52 - 35  # the convs with no clamp after them

@@ -70,9 +70,11 @@ def _layer(node: torch.fx.Node) -> str:
 
 def _op(node: torch.fx.Node) -> str | None:
     """The op family a plan lists ``node`` under; None for ops that compute nothing of their
-    own (layout, or a batch norm / clamp fused into the int8 op before it)."""
+    own on the data (layout, a batch norm / clamp fused into the int8 op before it)."""
     if node.op != "call_function" or node.target is operator.getitem:
         return None
+    if all(arg.op == "get_attr" for arg in node.all_input_nodes):
+        return None  # off the data path, e.g. a training batch norm's counter += 1
     if node.target in KEEP_SCALE or node.target in SPLITS:
         return None
     if node.target in NORMS | CLAMPS and annotation(node) is not None:
