@@ -220,3 +220,70 @@ def test_recalibrated_batch_norm_holds_the_statistics_of_the_final_weights():
     assert torch.allclose(bn.running_var, features.var((0, 2, 3)), rtol=0.05)
     assert bn.momentum == 0.1  # restored, and the model back in eval mode
     assert not model.training
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from edgepc.hardware import cpu_has_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert cpu_has_bf16(info)
+    info.write_text("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert cpu_has_bf16(info)
+    assert not cpu_has_bf16(tmp_path / "missing")
+
+
+def test_training_formats_are_configured_or_the_fastest_in_a_trial(monkeypatch, subset):
+    """A format is chosen over fp32 only when its trial is 10 % faster, bf16 only where the CPU
+    has it natively (or when asked for), and never for a training too short to pay a trial."""
+    from edgepc.distill import trainer
+
+    model, x = build_model("tiny_cnn"), subset[4].apply(subset[0][:8])
+    seconds = {(False, False): 1.0, (True, False): 0.95, (True, True): 0.5}
+    monkeypatch.setattr(trainer, "_trial", lambda m, b, candidates: {c: seconds[c] for c in
+                                                                       candidates})  # fmt: skip
+    for native, expected in ((True, (True, True)), (False, (False, False))):  # 0.95: not 10 %
+        monkeypatch.setattr(trainer, "cpu_has_bf16", lambda native=native: native)
+        assert trainer.formats(model, x, TrainConfig(), CPU, steps=100) == expected
+    assert trainer.formats(model, x, TrainConfig(bf16=True), CPU, 100) == (True, True)
+    assert trainer.formats(model, x, TrainConfig(bf16=False), CPU, 100) == (False, False)
+    assert trainer.formats(model, x, TrainConfig(), CPU, steps=10) == (False, False)
+    fixed = TrainConfig(channels_last=True, bf16=False)
+    assert trainer.formats(model, x, fixed, CPU, 100) == (True, False)
+    assert trainer.formats(model, x, TrainConfig(), torch.device("cuda"), 100) == (False, True)
+
+
+def test_a_format_trial_leaves_the_model_as_it_was(subset):
+    from edgepc.distill.trainer import _trial
+
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = _trial(model, subset[4].apply(subset[0][:32]), [(False, False), (True, True)])
+    assert set(seconds) == {(False, False), (True, True)}
+    assert all(v > 0 for v in seconds.values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics too
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_channels_last_trains_the_same_model_as_the_default_layout(subset):
+    """The memory format changes how oneDNN walks the tensors, not what it computes: fp32
+    training in both layouts follows the same losses up to float rounding and ends at models
+    that classify alike; the layout is recorded in the history."""
+    x, y, vx, _, norm = subset
+    models, histories = [], []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny_cnn")
+        config = TrainConfig(epochs=2, lr=3e-3, channels_last=channels_last, bf16=False)
+        histories.append(train(model, x[:512], y[:512], norm, config, CPU, progress=False))
+        models.append(model)
+    assert [h[-1]["channels_last"] for h in histories] == [0.0, 1.0]
+    assert histories[0][-1]["bf16"] == histories[1][-1]["bf16"] == 0.0
+    for epoch in range(2):
+        assert histories[1][epoch]["loss"] == pytest.approx(histories[0][epoch]["loss"], rel=1e-4)
+    first, second = (predict(m, vx, norm, CPU)[0].argmax(1) for m in models)
+    assert (first == second).float().mean() >= 0.99
