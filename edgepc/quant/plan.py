@@ -75,6 +75,8 @@ def _op(node: torch.fx.Node) -> str | None:
         return None
     if all(arg.op == "get_attr" for arg in node.all_input_nodes):
         return None  # off the data path, e.g. a training batch norm's counter += 1
+    if not isinstance(node.meta.get("val"), torch.Tensor | None):
+        return None  # shape arithmetic (a dynamic batch's size), no tensor
     if node.target in KEEP_SCALE or node.target in SPLITS:
         return None
     if node.target in NORMS | CLAMPS and annotation(node) is not None:
