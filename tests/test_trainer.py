@@ -281,6 +281,8 @@ def test_channels_last_trains_the_same_model_as_the_default_layout(subset):
         config = TrainConfig(epochs=2, lr=3e-3, channels_last=channels_last, bf16=False)
         histories.append(train(model, x[:512], y[:512], norm, config, CPU, progress=False))
         models.append(model)
+        # handed back in the default layout: exporters trace the layout they find
+        assert all(p.is_contiguous() for p in model.parameters())
     assert [h[-1]["channels_last"] for h in histories] == [0.0, 1.0]
     assert histories[0][-1]["bf16"] == histories[1][-1]["bf16"] == 0.0
     for epoch in range(2):

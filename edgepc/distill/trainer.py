@@ -386,6 +386,7 @@ def train(
             )
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
+    model.to(memory_format=torch.contiguous_format)  # as given: exporters trace its layout
     if config.recalibrate_bn:
         recalibrate_batch_norm(model, images, norm, device, config.batch_size)
     return history

@@ -140,9 +140,9 @@ def restore(
 def quantized(model: QuantModel) -> QuantModel:
     """The int8 graph of ``model`` (see :func:`convert`) behind the same interface, for scoring
     what the runtimes will execute. PTQ needs it: its prepared graph only observes."""
-    graph = QuantModel(convert(model), model.target, qat=False, weight_bits=model.weight_bits)
-    graph.plan = model.plan
-    return graph
+    reference = QuantModel(convert(model), model.target, qat=False, weight_bits=model.weight_bits)
+    reference.plan = model.plan
+    return reference
 
 
 def convert(model: QuantModel) -> torch.fx.GraphModule:

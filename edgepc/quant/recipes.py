@@ -23,9 +23,11 @@ Beyond those, a recipe lists the op families its runtime has int8 kernels for
   int16 (``vpmaddubsw``), and 255 × 63 × 2 < 32,767 keeps them exact where ±127 weights
   drift. onnxruntime's exact mode (:func:`edgepc_device.runtimes.x86_without_vnni`) widens
   only weights outside ±64, so one file runs exactly and on the fast kernels on every x86 CPU;
-- ``mobile`` (LiteRT full-integer, the TFLite int8 spec, XNNPACK): also ``hardswish``
-  (HARD_SWISH), ``sigmoid`` (LOGISTIC, output scale 1/256 as the spec fixes it), ``mul`` and
-  ``mean`` (MEAN); HardSigmoid has no TFLite kernel. int8 activations, affine, ±127 weights;
+- ``mobile`` (LiteRT full-integer, the TFLite int8 spec, XNNPACK): also ``mul``, ``sigmoid``
+  (LOGISTIC, output scale 1/256 as the spec fixes it) and ``mean`` (MEAN). XNNPACK takes no
+  int8 HARD_SWISH and TFLite has no HardSigmoid: both, and SiLU, are written as int8 ADD / MUL /
+  LOGISTIC, so one XNNPACK delegate runs the whole graph. int8 activations, affine, ±127
+  weights;
 - ``jetson`` (TensorRT explicit quantization): Q/DQ where NVIDIA places them, at the inputs of
   convs, linears and residual adds; TensorRT fuses the point-wise ops in between (activations,
   gates) into those kernels in its own precision. int8, symmetric (zero-point 0 everywhere),
