@@ -123,3 +123,37 @@ def test_gpu_check_is_valid_bash_naming_files_that_exist():
     modules = re.findall(r"python3 -m (edgepc[\w.]+)", path.read_text())
     assert modules
     assert all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+@pytest.mark.slow
+def test_students_measures_each_target_of_a_torchvision_student(tmp_path):
+    script("int8_speed")  # students.py takes onnxruntime's own quantizer from it
+    students = script("students")
+    result = students.main(["--archs", "mobilenet_v3_small", "--sizes", "32", "--threads", "1",
+                            "--iterations", "4", "--block", "2", "--warmup", "1",
+                            "--out", str(tmp_path)])  # fmt: skip
+    (record,) = result["records"]
+    facts, timing = record["facts"], record["timing"]
+    assert facts["mobile"]["xnnpack_whole_graph"]
+    assert facts["mobile"]["int8_layers"] == facts["mobile"]["layers"] == 107
+    assert facts["cpu"]["layers"] - facts["cpu"]["int8_layers"] == 19 + 9 + 10  # hard acts, means
+    assert facts["jetson"]["tensorrt_check"]["per_channel"] == 52 + 2  # an int8 weight each
+    assert facts["mb"]["jetson int8"] < 0.4 * facts["jetson"]["fp32_mb"]
+    for name in ("cpu int8", "mobile int8"):
+        assert timing[name]["speed_vs_fp32_1t"] > 0
+    assert timing["cpu int8"]["speed_vs_control_1t"] > 0
+    table = (tmp_path / "students.md").read_text()
+    assert "| mobilenet_v3_small | 32 |" in table
+    assert "- mobilenet_v3_small, mobile: int8 layers: 107 of 107" in table
+    assert result["meta"]["cpu"] in table
+
+
+def test_train_speed_times_each_format(tmp_path):
+    result = script("train_speed").main(["--nets", "tiny_cnn@28", "--batch", "8", "--steps", "2",
+                                         "--block", "1", "--out", str(tmp_path)])  # fmt: skip
+    rates = result["rows"]["tiny_cnn@28"]
+    assert set(rates) == {"fp32", "channels_last", "channels_last + bf16"}
+    assert all(rate > 0 for rate in rates.values())
+    table = (tmp_path / "train_speed.md").read_text()
+    assert "| tiny_cnn@28 |" in table
+    assert result["meta"]["cpu"] in table
