@@ -236,20 +236,23 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
 
 
 def test_training_formats_are_configured_or_the_fastest_in_a_trial(monkeypatch, subset):
-    """A format is chosen over fp32 only when its trial is 10 % faster, bf16 only where the CPU
-    has it natively (or when asked for), and never for a training too short to pay a trial."""
+    """fp32 in the default layout unless asked; ``auto`` takes a format over fp32 only when its
+    trial is 10 % faster, bf16 only where the CPU has it natively, and never for a training
+    too short to pay a trial."""
     from edgepc.distill import trainer
 
     model, x = build_model("tiny_cnn"), subset[4].apply(subset[0][:8])
     seconds = {(False, False): 1.0, (True, False): 0.95, (True, True): 0.5}
     monkeypatch.setattr(trainer, "_trial", lambda m, b, candidates: {c: seconds[c] for c in
                                                                        candidates})  # fmt: skip
+    auto = TrainConfig(channels_last="auto", bf16="auto")
     for native, expected in ((True, (True, True)), (False, (False, False))):  # 0.95: not 10 %
         monkeypatch.setattr(trainer, "cpu_has_bf16", lambda native=native: native)
-        assert trainer.formats(model, x, TrainConfig(), CPU, steps=100) == expected
-    assert trainer.formats(model, x, TrainConfig(bf16=True), CPU, 100) == (True, True)
-    assert trainer.formats(model, x, TrainConfig(bf16=False), CPU, 100) == (False, False)
-    assert trainer.formats(model, x, TrainConfig(), CPU, steps=10) == (False, False)
+        assert trainer.formats(model, x, auto, CPU, steps=100) == expected
+    assert trainer.formats(model, x, TrainConfig(), CPU, 100) == (False, False)
+    assert trainer.formats(model, x, auto, CPU, steps=10) == (False, False)
+    assert trainer.formats(model, x, TrainConfig(channels_last="auto", bf16=True), CPU,
+                           100) == (True, True)  # fmt: skip
     fixed = TrainConfig(channels_last=True, bf16=False)
     assert trainer.formats(model, x, fixed, CPU, 100) == (True, False)
     assert trainer.formats(model, x, TrainConfig(), torch.device("cuda"), 100) == (False, True)

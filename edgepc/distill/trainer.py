@@ -66,8 +66,8 @@ class TrainConfig:
     baselines: dict[str, dict[str, object]] = field(default_factory=dict)
     augment: bool = False
     recalibrate_bn: bool = False  # batch-norm statistics recomputed with the final weights
-    channels_last: bool | None = None  # None: on the CPU (oneDNN's fast layout), not on CUDA
-    bf16: bool | None = None  # autocast; None: on CUDA and on CPUs with native bf16
+    channels_last: bool | Literal["auto"] = False  # auto: see formats
+    bf16: bool | Literal["auto"] = False  # autocast; auto: see formats (CUDA: always bf16)
     seed: int = 0
 
 
@@ -179,20 +179,20 @@ def formats(
     model: nn.Module, x: Tensor, config: TrainConfig, device: torch.device, steps: int
 ) -> Formats:
     """The memory format and autocast of a training of ``steps`` steps on batches like ``x``:
-    as configured; on CUDA bf16 in the default layout; on the CPU the fastest of fp32,
-    channels_last and channels_last with bf16 (where the CPU has it natively) in a short trial
-    on a copy of ``model``, when it is 10 % faster than fp32. Which one wins depends on the
-    network: depthwise convolutions gain from channels_last and lose in bf16, dense ones gain
-    from bf16 (``benchmarks/train_speed.py``)."""
+    on CUDA bf16 in the default layout; on the CPU as configured, where ``auto`` times one
+    forward and backward pass of a copy of ``model`` per candidate (fp32, channels_last,
+    channels_last with bf16 where the CPU has it natively) and takes the fastest when it is 10 %
+    faster than fp32. Which one wins depends on the network: depthwise convolutions gain from
+    channels_last and lose in bf16, dense ones gain from bf16 (``benchmarks/train_speed.py``).
+    A measured choice depends on the moment's timings, so ``auto`` is opt-in."""
     if device.type != "cpu":
-        bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
-        return bool(config.channels_last), bf16
+        return config.channels_last is True, device.type == "cuda" or config.bf16 is True
     native = cpu_has_bf16()
     candidates = [
         (layout, bf16)
         for layout, bf16 in ((False, False), (True, False), (True, True))
-        if config.channels_last in (None, layout) and config.bf16 in (None, bf16)
-        and (native or not bf16 or config.bf16)
+        if config.channels_last in ("auto", layout) and config.bf16 in ("auto", bf16)
+        and (native or not bf16 or config.bf16 is True)
     ]  # fmt: skip
     if len(candidates) == 1 or steps < TRIAL_STEPS:
         return candidates[0]

@@ -59,9 +59,9 @@ class TrainSection(Section):
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     augment: bool = False
     recalibrate_bn: bool = False  # recompute batch-norm statistics after training (short runs)
-    # null: channels_last on the CPU; bf16 autocast on CUDA and CPUs with native bf16
-    channels_last: bool | None = None
-    bf16: bool | None = None
+    # CPU training format; auto: the fastest in a short trial (CUDA trains in bf16)
+    channels_last: bool | Literal["auto"] = False
+    bf16: bool | Literal["auto"] = False
 
     @field_validator("baselines")
     @classmethod

@@ -128,8 +128,8 @@ KEY_NEUTRAL_DEFAULTS = {
     "channels": None,
     "in_memory": False,
     "student_checkpoint": None,
-    "channels_last": None,
-    "bf16": None,
+    "channels_last": False,
+    "bf16": False,
 }
 
 
