@@ -64,7 +64,7 @@ class PrecisionPlan:
 
 def _layer(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()), ("", None))[0] if stack else ""
+    path = next(reversed(stack.values()), ("",))[0]
     return "" if path == WRAPPER.rstrip(".") else path.removeprefix(WRAPPER)
 
 
