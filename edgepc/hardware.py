@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from edgepc.errors import EdgepcError
+from edgepc_device.runtimes import cpu_flags
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -44,9 +45,4 @@ def cpu_name() -> str:
 def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX), by its flags: where bf16
     autocast speeds training up rather than emulating it."""
-    try:
-        lines = cpuinfo.read_text().splitlines()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags(cpuinfo) or set()))

@@ -83,18 +83,24 @@ def quiet_native_logs() -> Iterator[None]:
             os.close(saved)
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The CPU's feature flags in ``cpuinfo`` (Linux), or None where they cannot be read."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return None
+    return set(next((line.split(":", 1)[1].split() for line in lines
+                     if line.startswith("flags")), []))  # fmt: skip
+
+
 def x86_without_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """An x86 CPU without VNNI (AVX-512 VNNI or AVX-VNNI) by its flags in ``cpuinfo``, or one
     whose flags cannot be read. There onnxruntime's fast uint8 × int8 kernels add each pair of
     products in a saturating int16 (``vpmaddubsw``): int8 logits drift from the PyTorch graph."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        lines = cpuinfo.read_text().splitlines()
-    except OSError:
-        return True
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return not {"avx512_vnni", "avx_vnni"} & set(flags)
+    flags = cpu_flags(cpuinfo)
+    return flags is None or not {"avx512_vnni", "avx_vnni"} & flags
 
 
 def onnx_session_options(threads: int, exact: bool | None = None) -> Any:
