@@ -27,12 +27,10 @@ import json
 import sys
 import tempfile
 import warnings
-from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,18 +38,15 @@ from int8_speed import STANDARD_STEMS, STUDENTS, TIMED, network, network_shape
 from torch import nn
 from tqdm import tqdm
 
-from edgepc.export.inspect import INTEGER_WEIGHT_INPUT
 from edgepc.export.runtimes import open_runtime
+from edgepc.export.speed_plan import profile
 from edgepc.files import write_text
 from edgepc.hardware import cpu_name
 from edgepc.measure import interleaved_latency
 from edgepc.models import EmbeddingModel
 from edgepc.quant import convert, prepare
 from edgepc.targets import TARGETS
-from edgepc_device.runtimes import onnx_session_options, quiet_native_logs, x86_without_vnni
-
-if TYPE_CHECKING:
-    import onnx
+from edgepc_device.runtimes import quiet_native_logs, x86_without_vnni
 
 FILES = {"fp32": None, "int8 7-bit": 7, "int8 8-bit": 8}
 # Layers of the 56-px stage of MobileNetV2-0.5 at 224 px, each keeping its input's shape so
@@ -66,55 +61,6 @@ LAYERS: dict[str, tuple[str, int, Callable[[], nn.Module]]] = {
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())),
 }  # fmt: skip
 LAYER_SIZE, DEPTHS = 56, (1, 5)
-
-
-def conv_kinds(graph: onnx.GraphProto) -> dict[str, str]:
-    """{node name: its op, and for a convolution its kind: depthwise (groups > 1), 1×1 or
-    other} for the nodes of ``graph`` (onnxruntime's optimised graph)."""
-    weights = {i.name: list(i.dims) for i in graph.initializer}
-    kinds = {}
-    for node in graph.node:
-        kind = node.op_type
-        if "Conv" in kind:
-            weight = weights.get(node.input[INTEGER_WEIGHT_INPUT.get(kind, 1)], [])
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            if group > 1:
-                kind += " depthwise"
-            elif len(weight) == 4:
-                kind += " 1×1" if weight[2] * weight[3] == 1 else " other"
-        kinds[node.name] = kind
-    return kinds
-
-
-def profile(path: Path, image: np.ndarray, runs: int, warmup: int) -> dict[str, float]:
-    """{op kind: mean µs per inference} over ``runs`` timed runs after ``warmup``, and
-    ``"(all nodes)"`` / ``"(whole run)"``: the nodes' sum and the mean wall time of a run."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = onnx_session_options(threads=1)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        options.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for _ in range(warmup + runs):
-            session.run(None, {"images": image})
-        events = json.loads(Path(session.end_profiling()).read_text())
-        kinds = conv_kinds(onnx.load(options.optimized_model_filepath).graph)
-    times: dict[str, list[float]] = defaultdict(list)
-    whole = []
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            times[event["name"].removesuffix("_kernel_time")].append(event["dur"])
-        elif event.get("cat") == "Session" and event["name"] == "model_run":
-            whole.append(event["dur"])
-    by_kind: dict[str, float] = defaultdict(float)
-    for node, durations in times.items():
-        by_kind[kinds.get(node, node)] += float(np.mean(durations[warmup:]))
-    by_kind["(all nodes)"] = sum(by_kind.values())
-    by_kind["(whole run)"] = float(np.mean(whole[warmup:]))
-    return dict(by_kind)
 
 
 def files(name: str, folder: Path) -> dict[str, Path]:

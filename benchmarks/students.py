@@ -8,9 +8,11 @@ interleaved turns per network.
 Per network and input size (3 channels, torchvision's standard stem, 10 classes, seeded
 weights with batch-norm statistics away from the identity, 16 random calibration images):
 
-- cpu: onnxruntime fp32, edgepc int8 (PTQ, the cpu recipe's 7-bit weights) and the control a
-  user would otherwise run, onnxruntime's ``quantize_static`` of the same fp32 file with 7-bit
-  weights (``reduce_range``);
+- cpu: onnxruntime fp32, edgepc int8 (PTQ, the cpu recipe's 7-bit weights) with every layer
+  the recipe takes, the same with the speed plan the cpu pipeline makes (the kinds of layers
+  that run faster in float on this CPU kept float: :mod:`edgepc.export.speed_plan`), and the
+  control a user would otherwise run, onnxruntime's ``quantize_static`` of the same fp32 file
+  with 7-bit weights (``reduce_range``);
 - mobile: LiteRT fp32 and edgepc int8 (PTQ), whether XNNPACK takes the int8 graph whole;
 - jetson: the Q/DQ ONNX, checked against TensorRT's rules (:func:`check_onnx`), its size;
 - every int8 file's precision plan: int8 layers of all layers, and which stay float.
@@ -34,6 +36,7 @@ import torch
 from int8_speed import ort_control
 from tqdm import tqdm
 
+from edgepc.export import speed_plan
 from edgepc.export.inspect import litert_plan
 from edgepc.export.runtimes import open_runtime
 from edgepc.export.tensorrt import check_onnx
@@ -51,6 +54,7 @@ ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "regnet_
 TIMED = {  # file -> the runtime that times it
     "cpu fp32": "onnxruntime",
     "cpu int8": "onnxruntime",
+    "cpu int8 planned": "onnxruntime",
     "cpu ort quantize_static": "onnxruntime",
     "mobile fp32": "LiteRT",
     "mobile int8": "LiteRT",
@@ -87,6 +91,15 @@ def build(arch: str, size: int, folder: Path) -> tuple[dict[str, Path], dict]:
         plan = quant.plan
         facts[target] = {"int8_layers": len(plan.layers) - len(plan.float_layers),
                          "layers": len(plan.layers), "plan": plan.summary()}  # fmt: skip
+    speed = speed_plan.choose(model, TARGETS["cpu"], images)
+    quant = prepare(model, "cpu", images, qat=False, keep_float=speed.keep_float)
+    quant.calibrate([images])
+    folder_planned = folder / "cpu-int8-planned"
+    paths["cpu int8 planned"] = TARGETS["cpu"].write(
+        convert(quant), images[:2], folder_planned, True
+    )
+    facts["cpu planned"] = {"plan": quant.plan.summary(), "trials": speed.trials,
+                            "float_by_speed": len(speed.keep_float)}  # fmt: skip
     control = folder / "ort" / "model.onnx"
     control.parent.mkdir()
     paths["cpu ort quantize_static"] = ort_control(
@@ -120,8 +133,12 @@ def time_files(paths: dict[str, Path], size: int, args: argparse.Namespace) -> d
             rows[f"{target} int8"][f"speed_vs_fp32_{count}t"] = (
                 rows[f"{target} fp32"][key] / rows[f"{target} int8"][key]
             )
-        rows["cpu int8"][f"speed_vs_control_{count}t"] = (
-            rows["cpu ort quantize_static"][key] / rows["cpu int8"][key]
+        for name in ("cpu int8", "cpu int8 planned"):
+            rows[name][f"speed_vs_control_{count}t"] = (
+                rows["cpu ort quantize_static"][key] / rows[name][key]
+            )
+        rows["cpu int8 planned"][f"speed_vs_fp32_{count}t"] = (
+            rows["cpu fp32"][key] / rows["cpu int8 planned"][key]
         )
         rows["cpu ort quantize_static"][f"speed_vs_fp32_{count}t"] = (
             rows["cpu fp32"][key] / rows["cpu ort quantize_static"][key]
@@ -133,7 +150,8 @@ def markdown(records: list[dict], meta: dict) -> str:
     threads = meta["threads"]
     heads = ["network", "px"]
     for count in threads:
-        heads += [f"ORT int8 vs fp32 {count}t", f"vs quantize_static {count}t",
+        heads += [f"ORT int8 vs fp32 {count}t", f"planned vs fp32 {count}t",
+                  f"planned vs ORT's quantizer {count}t",
                   f"LiteRT int8 vs fp32 {count}t"]  # fmt: skip
     heads += ["ORT fp32 p50 ms 1t", "XNNPACK whole", "TensorRT check", "MB fp32 / cpu / mobile /"
               " jetson int8"]  # fmt: skip
@@ -154,7 +172,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         cells = [r["arch"], str(r["size"])]
         for count in threads:
             cells += [f"{t['cpu int8'][f'speed_vs_fp32_{count}t']:.2f}×",
-                      f"{t['cpu int8'][f'speed_vs_control_{count}t']:.2f}×",
+                      f"{t['cpu int8 planned'][f'speed_vs_fp32_{count}t']:.2f}×",
+                      f"{t['cpu int8 planned'][f'speed_vs_control_{count}t']:.2f}×",
                       f"{t['mobile int8'][f'speed_vs_fp32_{count}t']:.2f}×"]  # fmt: skip
         mobile = r["facts"]["mobile"]
         cells += [
@@ -165,15 +184,23 @@ def markdown(records: list[dict], meta: dict) -> str:
             f"{mb['jetson int8']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Speed plans of the cpu files (kinds kept float for speed on this CPU):", ""]
+    for r in records:
+        kept = [t["kind"] for t in r["facts"]["cpu planned"]["trials"] if t["kept_float"]]
+        whole = r["facts"]["cpu planned"]["plan"].startswith("int8 layers: 0 ")
+        lines.append(f"- {r['arch']}@{r['size']}: " + ("every layer (fp32 was faster)" if whole
+                     else ", ".join(kept) or "none"))  # fmt: skip
     lines += ["", "Precision plans (int8 layers of all layers; float layers and why):", ""]
     for r in records:
         if r["size"] != records[0]["size"]:
             continue  # a plan depends on the network, not the input size
         for target in ("cpu", "mobile", "jetson"):
             lines.append(f"- {r['arch']}, {target}: {r['facts'][target]['plan']}")
-    slower = [f"{r['arch']}@{r['size']} ({r['timing']['cpu int8']['speed_vs_fp32_1t']:.2f}×)"
-              for r in records if r["timing"]["cpu int8"]["speed_vs_fp32_1t"] < 1.0]  # fmt: skip
-    lines += ["", "onnxruntime int8 slower than fp32 at 1 thread: " + (", ".join(slower) or "none")]
+    for name in ("cpu int8", "cpu int8 planned"):
+        slower = [f"{r['arch']}@{r['size']} ({r['timing'][name]['speed_vs_fp32_1t']:.2f}×)"
+                  for r in records if r["timing"][name]["speed_vs_fp32_1t"] < 1.0]  # fmt: skip
+        lines += ["", f"onnxruntime {name.removeprefix('cpu ')} slower than fp32 at 1 thread: "
+                  + (", ".join(slower) or "none")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,9 @@ SMALL = [
     "qat.train_limit=200",
     "qat.pc_eval_limit=300",
     "qat.plain_qat=false",
+    # a timed choice: two runs may choose differently, and the fault tests compare a killed run
+    # with a clean one (the choice itself: tests/test_speed_plan.py)
+    "qat.speed_plan=false",
     "export.ptq=false",
     "export.parity_size=300",
     "export.pc_eval_limit=300",

@@ -142,6 +142,9 @@ def test_students_measures_each_target_of_a_torchvision_student(tmp_path):
     for name in ("cpu int8", "mobile int8"):
         assert timing[name]["speed_vs_fp32_1t"] > 0
     assert timing["cpu int8"]["speed_vs_control_1t"] > 0
+    planned = facts["cpu planned"]
+    assert {t["kind"] for t in planned["trials"]} <= {"conv", "depthwise conv", "1×1 conv"}
+    assert planned["float_by_speed"] == 0 or "faster in float on this CPU" in planned["plan"]
     table = (tmp_path / "students.md").read_text()
     assert "| mobilenet_v3_small | 32 |" in table
     assert "- mobilenet_v3_small, mobile: int8 layers: 107 of 107" in table

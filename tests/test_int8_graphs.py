@@ -238,6 +238,8 @@ def test_int8_profile_groups_onnxruntimes_node_times_by_op_and_conv_kind(tmp_pat
     import onnx
     from onnx import helper
 
+    from edgepc.export.speed_plan import conv_kinds
+
     def conv(name, op, weight, group=1, domain=""):
         inputs = ["x", "s", "z", name] if op == "QLinearConv" else ["x", name]
         return helper.make_node(op, inputs, [f"{name}.y"], name=name, group=group, domain=domain)
@@ -249,7 +251,7 @@ def test_int8_profile_groups_onnxruntimes_node_times_by_op_and_conv_kind(tmp_pat
                for n, dims in (("dw", [8, 1, 3, 3]), ("pw", [16, 8, 1, 1]),
                                ("first", [8, 1, 3, 3]))]  # fmt: skip
     graph = helper.make_graph(nodes, "g", [], [], initializer=weights)
-    assert profile.conv_kinds(graph) == {"dw": "Conv depthwise", "pw": "Conv 1×1",
+    assert conv_kinds(graph) == {"dw": "Conv depthwise", "pw": "Conv 1×1",
                                          "first": "QLinearConv other", "relu": "Relu"}  # fmt: skip
     result = profile.main(["--nets", "tiny_cnn", "--runs", "4", "--warmup", "1", "--layers",
                            "conv3x3", "--layer-iterations", "4",

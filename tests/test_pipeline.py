@@ -416,3 +416,43 @@ def test_a_64_px_rgb_image_folder_goes_through_every_stage_and_onto_the_device(t
     device = json.loads(out.read_text())["accuracy"]
     assert device["images"] == 200
     assert device["top1"] == rows["cpu-int8"]["test_top1"]  # the validate stage's
+
+
+def test_layers_kept_float_reach_the_bundle_and_a_saved_speed_plan_is_read_back(
+    tmp_path, store, small
+):
+    """``qat.float_layers`` and the speed plan (on here) in the qat stage's plan, restored by the
+    export stage: onnxruntime runs exactly the convs and linears the plan lists as float. A
+    rerun of the stage reads its saved choice back instead of timing again."""
+    from edgepc.export.inspect import float_compute, onnxruntime_ops
+    from edgepc.export.speed_plan import SpeedPlan
+
+    cache = small.copy(tmp_path / "cache", ("data", "teacher", "distill"))
+    overrides = [*SMALL, "qat.speed_plan=true", "qat.float_layers=[features.0]"]
+    config = load_config("cpu", overrides=overrides)
+    run_pipeline(config, cache, store, progress=False, echo=lambda _: None, until="export")
+    qat = next(cache.glob("qat-*"))
+    speed = SpeedPlan.from_json(json.loads((qat / "speed_plan.json").read_text()))
+    plan = {p.layer: p for p in PrecisionPlan.from_json(
+        json.loads((qat / "precision_plan.json").read_text())).layers}  # fmt: skip
+    assert plan["features.0"].reason == "kept float by qat.float_layers"
+    assert not plan["features.0"].int8
+    for layer, why in speed.keep_float.items():
+        assert (plan[layer].int8, plan[layer].reason) == (False, why)
+    weighted = ("conv", "linear")
+    floats = sum(not p.int8 and p.ops[0] in weighted for p in plan.values())
+    bundle = next(cache.glob("export-*")) / "cpu-int8"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert PrecisionPlan.from_json(manifest["precision_plan"]).layers == tuple(plan.values())
+    ops = onnxruntime_ops(bundle / "model.onnx")
+    assert sum(float_compute(ops).values()) == floats, ops
+
+    # the stage again in its folder, its choice edited: read back, not measured again
+    saved = speed.to_json() | {"keep_float": {"classifier": "a saved choice"}}
+    (qat / "speed_plan.json").write_text(json.dumps(saved))
+    for name in ("result.json", "qat_training.pt"):
+        (qat / name).unlink()
+    run_pipeline(config, cache, store, progress=False, echo=lambda _: None, until="qat")
+    plan = PrecisionPlan.from_json(json.loads((qat / "precision_plan.json").read_text()))
+    assert {p.layer: p.reason for p in plan.float_layers if p.ops[0] in weighted} == {
+        "features.0": "kept float by qat.float_layers", "classifier": "a saved choice"}  # fmt: skip

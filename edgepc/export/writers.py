@@ -140,10 +140,12 @@ def write_onnx(
     path: Path,
     int8_weights: bool = False,
     opset: int = 18,
+    dynamic: bool = True,
 ) -> Path:
-    """ONNX with a dynamic batch (torch's dynamo exporter); int8 graphs become QDQ ONNX with
-    adjacent QuantizeLinear/DequantizeLinear pairs, and with ``int8_weights`` the weights are
-    stored as int8 behind DequantizeLinear alone (see :func:`store_int8_weights`)."""
+    """ONNX with a dynamic batch (torch's dynamo exporter; ``dynamic=False``: the example's,
+    a faster export); int8 graphs become QDQ ONNX with adjacent QuantizeLinear/DequantizeLinear
+    pairs, and with ``int8_weights`` the weights are stored as int8 behind DequantizeLinear alone
+    (see :func:`store_int8_weights`)."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's backend)
@@ -161,7 +163,7 @@ def write_onnx(
             (example,),
             str(tmp),
             dynamo=True,
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=({0: batch},) if dynamic else None,
             input_names=[INPUT],
             output_names=list(OUTPUTS),
             opset_version=opset,

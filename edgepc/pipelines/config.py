@@ -128,7 +128,11 @@ class QATSection(Section):
     subset of ``train_limit`` training images; the last ``freeze_observers_epochs`` epochs keep
     the activation scales fixed. ``plain_qat`` also runs β = γ = 0 (the ablation row).
     ``weight_bits``: 7 (range ±63) or 8; null: the target's recipe, 7 for cpu (onnxruntime's
-    fast int8 kernels stay exact on x86 CPUs without VNNI), 8 for mobile and jetson."""
+    fast int8 kernels stay exact on x86 CPUs without VNNI), 8 for mobile and jetson.
+    ``float_layers``: layer paths (glob patterns, e.g. ``features.0.*``) kept float, such as the
+    layers a device's own profile or an accuracy probe found better in float. ``speed_plan``: on
+    a target whose host is the device (cpu), also keep float the kinds of layers that make the
+    int8 file slower here (:mod:`edgepc.export.speed_plan`)."""
 
     train: TrainSection = TrainSection(epochs=2, lr=1e-4, alpha=1.0, beta=3.0, gamma=3.0)
     train_limit: int | None = Field(10000, ge=10)
@@ -136,6 +140,8 @@ class QATSection(Section):
     plain_qat: bool = True
     pc_eval_limit: int | None = Field(5000, ge=3)
     weight_bits: Literal[7, 8] | None = None
+    float_layers: list[str] = []
+    speed_plan: bool = True
 
 
 class ParityBounds(Section):

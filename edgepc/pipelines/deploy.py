@@ -118,7 +118,8 @@ def export_stage(
         plan = None
         if source != "fp32":
             state = torch.load(qat.file(source), weights_only=True)
-            quant = restore(fp32, target, example, state, source == "qat", qat.facts.weight_bits)
+            quant = restore(fp32, target, example, state, source == "qat",
+                            qat.facts.weight_bits, qat.facts.keep_float)  # fmt: skip
             model, plan = convert(quant), quant.plan.to_json()
         folder = ctx.workdir / name
         manifest = write_bundle(folder, model, example, target, source, testset, norm,

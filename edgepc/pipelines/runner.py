@@ -127,6 +127,7 @@ KEY_NEUTRAL_DEFAULTS = {
     "image_size": None,
     "channels": None,
     "in_memory": False,
+    "float_layers": [],
     "student_checkpoint": None,
     "channels_last": False,
     "bf16": False,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -32,6 +32,8 @@ from edgepc.distill.evaluate import (
 from edgepc.distill.images import Normalisation
 from edgepc.distill.trainer import TeacherTargets, TrainConfig, atomic_save, train
 from edgepc.errors import TrainingError
+from edgepc.export import speed_plan
+from edgepc.export.speed_plan import SpeedPlan
 from edgepc.files import npy_rows, write_text
 from edgepc.models import EmbeddingModel
 from edgepc.models.specs import model_from_spec
@@ -45,6 +47,7 @@ from edgepc.pipelines.config import (
 )
 from edgepc.pipelines.plots import plot_history, plot_qat
 from edgepc.quant import finetune, quantized, recipes
+from edgepc.targets import get_target
 from edgepc.tracking import Tracking
 
 
@@ -92,6 +95,7 @@ class QATFacts:
     target: str
     weight_bits: int
     table: dict[str, dict[str, float]]  # model -> its test metrics
+    keep_float: dict[str, str] = field(default_factory=dict)  # layer pattern -> why it is float
 
 
 @dataclass(frozen=True)
@@ -430,8 +434,9 @@ def qat_stage(
         return finetune.score(model, part, norm, ctx.device, section.pc_eval_limit)
 
     bits = recipes.weight_bits(target, section.weight_bits)
+    in_float, speed = float_layers(section, target, fp32, norm.apply(calibration[:32]), bits, ctx)
     torch.manual_seed(seed)
-    ptq = finetune.ptq(fp32, target, calibration, norm, bits)
+    ptq = finetune.ptq(fp32, target, calibration, norm, bits, in_float)
     atomic_save(ptq.state_dict(), ctx.workdir / "ptq_student.pt")
     models: dict[str, torch.nn.Module] = {"fp32": fp32, "ptq": quantized(ptq).to(ctx.device)}
     curves: dict[str, list[dict[str, float]]] = {}
@@ -456,6 +461,7 @@ def qat_stage(
             ),
             progress=ctx.progress,
             weight_bits=bits,
+            keep_float=in_float,
         )
         atomic_save(model.state_dict(), ctx.workdir / f"{name}_student.pt")
         curves[name] = history
@@ -469,12 +475,45 @@ def qat_stage(
                before_after(table, target) + f"\nPrecision plan: {plan.summary()}\n")  # fmt: skip
     metrics = {f"{name}_test_{k}": v for name, row in table.items() for k, v in row.items()}
     metrics |= {"layers": len(plan.layers), "float_layers": len(plan.float_layers)}
+    if speed is not None:
+        metrics |= {"speed_plan_fp32_ms": speed.fp32_ms, "speed_plan_int8_ms": speed.int8_ms}
     for name, history in curves.items():  # the last epoch on the validation split (fake quant)
         metrics |= {f"{name}_{k}": v for k, v in history[-1].items() if k.startswith("val_")}
     files = {name: f"{name}_student.pt" for name in ("ptq", *variants)}
     files |= {"table": "before_after.md", "plot": "triplet_agreement.png",
               "plan": "precision_plan.json"}  # fmt: skip
-    return StageResult(metrics, files, QATFacts(target, bits, table))
+    if speed is not None:
+        files["speed_plan"] = SPEED_PLAN
+    return StageResult(metrics, files, QATFacts(target, bits, table, in_float))
+
+
+SPEED_PLAN = "speed_plan.json"
+
+
+def float_layers(
+    section: QATSection,
+    target: str,
+    fp32: EmbeddingModel,
+    calibration: torch.Tensor,
+    bits: int,
+    ctx: StageContext,
+) -> tuple[dict[str, str], SpeedPlan | None]:
+    """The layers kept float beyond those without an int8 kernel ({pattern: why}): those
+    ``qat.float_layers`` names, and on a target whose host is the device (cpu) those that run
+    faster in float here (:mod:`edgepc.export.speed_plan`; measured once, then read back from
+    the stage's folder, so a resumed stage trains the same graph)."""
+    keep = dict.fromkeys(section.float_layers, "kept float by qat.float_layers")
+    spec = get_target(target)
+    if not (section.speed_plan and spec.host_is_device):
+        return keep, None
+    saved = ctx.workdir / SPEED_PLAN
+    if saved.exists():
+        speed = SpeedPlan.from_json(json.loads(saved.read_text()))
+    else:
+        speed = speed_plan.choose(fp32.cpu().eval(), spec, calibration, bits, keep)
+        write_text(saved, json.dumps(speed.to_json(), indent=2))
+    fp32.to(ctx.device)
+    return keep | speed.keep_float, speed
 
 
 def before_after(table: dict[str, dict[str, float]], target: str) -> str:

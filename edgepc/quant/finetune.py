@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -57,10 +57,12 @@ def ptq(
     calibration: Tensor,
     norm: Normalisation,
     weight_bits: int | None = None,
+    keep_float: Mapping[str, str] | None = None,
 ) -> QuantModel:
     """Post-training quantization: batch norm folded, observers calibrated on ``calibration``
     (the prepared model only observes: :func:`edgepc.quant.quantized` gives its int8 graph)."""
-    model = prepare(fp32, target, norm.apply(calibration[:8]), qat=False, weight_bits=weight_bits)
+    example = norm.apply(calibration[:8])
+    model = prepare(fp32, target, example, False, weight_bits, keep_float)
     model.calibrate(_batches(calibration, norm))
     return model
 
@@ -80,11 +82,12 @@ def qat(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     weight_bits: int | None = None,
+    keep_float: Mapping[str, str] | None = None,
 ) -> tuple[QuantModel, list[dict[str, float]]]:
     """Fake-quant ``fp32`` for ``target`` with ``weight_bits``-bit weights, start its scales on
     ``calibration``, fine-tune on ``fit``; observers freeze for the last
     ``freeze_observers_epochs`` epochs."""
-    model = prepare(fp32, target, norm.apply(calibration[:8]), qat=True, weight_bits=weight_bits)
+    model = prepare(fp32, target, norm.apply(calibration[:8]), True, weight_bits, keep_float)
     model.calibrate(_batches(calibration, norm))
 
     def before_epoch(epoch: int) -> None:

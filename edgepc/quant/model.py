@@ -13,7 +13,7 @@ import contextlib
 import copy
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -93,9 +93,11 @@ def prepare(
     example: Tensor,
     qat: bool = True,
     weight_bits: int | None = None,
+    keep_float: Mapping[str, str] | None = None,
 ) -> QuantModel:
     """A fake-quant copy of ``model`` for ``target``'s int8 recipe, with ``weight_bits``-bit
-    weights (None: the recipe's; see :mod:`edgepc.quant.recipes`). The original is untouched.
+    weights (None: the recipe's) and the layers ``keep_float`` ({layer pattern: why}) matches
+    left float (see :mod:`edgepc.quant.recipes`). The original is untouched.
 
     ``example`` is a normalised input batch of at least 2 images (batch norm trains in QAT).
     """
@@ -107,7 +109,7 @@ def prepare(
         warnings.simplefilter("ignore")
         exported = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
         insert = prepare_qat_pt2e if qat else prepare_pt2e
-        marks = quantizer(target, qat, weight_bits)
+        marks = quantizer(target, qat, weight_bits, keep_float)
         with _memoised_patterns():
             graph = insert(exported.module(), marks)
     quant = QuantModel(graph, target, qat, weight_bits)
@@ -122,9 +124,10 @@ def restore(
     state: dict,
     qat: bool = True,
     weight_bits: int | None = None,
+    keep_float: Mapping[str, str] | None = None,
 ) -> QuantModel:
     """A quantized model saved as ``QuantModel.state_dict()``, rebuilt on its fp32 student."""
-    quant = prepare(model, target, example, qat, weight_bits)
+    quant = prepare(model, target, example, qat, weight_bits, keep_float)
     try:
         quant.load_state_dict(state)
     except (RuntimeError, KeyError) as error:

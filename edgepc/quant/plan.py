@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,9 +19,9 @@ from edgepc.quant.recipes import (
     SPLITS,
     Recipe,
     annotation,
+    kept_float,
+    layer_of,
 )
-
-WRAPPER = "model."  # EmbeddingModel's attribute: layer paths are the student's own
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class LayerPrecision:
     ops: tuple[str, ...]  # op families it computes ("conv", "hardswish", "mul" ...)
     int8: bool
     reason: str = ""  # why it stays float
+    kind: str = ""  # what a speed choice groups it by: "depthwise conv", "1×1 conv", "mul" ...
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,6 @@ class PrecisionPlan:
         return cls(record["runtime"], tuple(layers))
 
 
-def _layer(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()), ("",))[0]
-    return "" if path == WRAPPER.rstrip(".") else path.removeprefix(WRAPPER)
-
-
 def _op(node: torch.fx.Node) -> str | None:
     """The op family a plan lists ``node`` under; None for ops that compute nothing of their
     own on the data (layout, a batch norm / clamp fused into the int8 op before it)."""
@@ -86,29 +82,49 @@ def _op(node: torch.fx.Node) -> str | None:
     return getattr(node.target, "_opname", str(node.target))
 
 
-def precision_plan(graph: torch.fx.Graph, recipe: Recipe) -> PrecisionPlan:
-    """The plan of ``graph``, annotated for ``recipe``: a layer is int8 when every op it
-    computes takes int8 inputs."""
+def _kind(node: torch.fx.Node, family: str) -> str:
+    """``family``, and for a convolution its kind, since int8 kernels win or lose by kind."""
+    weight = node.args[1] if family == "conv" else None
+    shape = getattr(weight, "meta", {}).get("val")
+    if shape is None:
+        return family
+    groups = node.args[6] if len(node.args) > 6 else 1
+    if groups > 1:
+        return "depthwise conv"
+    return "1×1 conv" if shape.shape[2:].numel() == 1 else "conv"
+
+
+def precision_plan(
+    graph: torch.fx.Graph, recipe: Recipe, keep_float: Mapping[str, str] | None = None
+) -> PrecisionPlan:
+    """The plan of ``graph``, annotated for ``recipe`` with the layers ``keep_float`` matches
+    left float: a layer is int8 when every op it computes takes int8 inputs."""
     ops: dict[str, list[tuple[str, bool, str]]] = {}
+    kinds: dict[str, str] = {}
     for node in graph.nodes:
         family = _op(node)
         if family is None:
             continue
+        layer = layer_of(node)
         int8 = annotation(node) is not None
         reason = ""
         if not int8:
-            reason = (
-                recipe.float_reason
+            reason = kept_float(layer, keep_float or {}) or (
+                "after a float layer"
+                if node.target in NORMS | CLAMPS
+                else recipe.float_reason
                 if family not in recipe.int8_ops
                 else "float input or constant operand"
             )
-        ops.setdefault(_layer(node), []).append((family, int8, reason))
+        ops.setdefault(layer, []).append((family, int8, reason))
+        kinds.setdefault(layer, _kind(node, family))
     layers = tuple(
         LayerPrecision(
             layer,
             tuple(dict.fromkeys(family for family, _, _ in computed)),
             all(int8 for _, int8, _ in computed),
             next((reason for _, int8, reason in computed if not int8), ""),
+            kinds[layer],
         )
         for layer, computed in ops.items()
     )

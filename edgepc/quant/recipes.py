@@ -33,12 +33,16 @@ Beyond those, a recipe lists the op families its runtime has int8 kernels for
   gates) into those kernels in its own precision. int8, symmetric (zero-point 0 everywhere),
   ±127 weights.
 
-``weight_bits`` (7 or 8) overrides a recipe's weights, e.g. 8 for a fleet of VNNI CPUs.
+``weight_bits`` (7 or 8) overrides a recipe's weights, e.g. 8 for a fleet of VNNI CPUs, and
+``keep_float`` ({layer pattern: why}) keeps more layers float: those that run faster in float on
+the device (:mod:`edgepc.export.speed_plan`) or that a user names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 import torch
@@ -197,6 +201,21 @@ def _sole_user(node: Node, targets: set) -> Node | None:
     return None
 
 
+WRAPPER = "model."  # EmbeddingModel's attribute: layer paths are the student's own
+
+
+def layer_of(node: Node) -> str:
+    """The path in the student of the module that computes ``node`` ("" for its own forward)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), ("",))[0]
+    return "" if path == WRAPPER.rstrip(".") else path.removeprefix(WRAPPER)
+
+
+def kept_float(layer: str, keep_float: Mapping[str, str]) -> str | None:
+    """Why ``layer`` stays float by the first pattern of ``keep_float`` it matches, else None."""
+    return next((why for pattern, why in keep_float.items() if fnmatchcase(layer, pattern)), None)
+
+
 def annotation(node: Node) -> QuantizationAnnotation | None:
     return node.meta.get("quantization_annotation")
 
@@ -247,10 +266,14 @@ def split_activations(model: GraphModule, recipe: Recipe) -> int:
 
 
 def annotate(
-    graph: torch.fx.Graph, recipe: Recipe, activation: QuantizationSpec, weight: QuantizationSpec
+    graph: torch.fx.Graph,
+    recipe: Recipe,
+    activation: QuantizationSpec,
+    weight: QuantizationSpec,
+    keep_float: Mapping[str, str] | None = None,
 ) -> None:
     """Mark where ``graph`` (an exported student) is quantized for ``recipe``, as PT2E
-    annotations, in place."""
+    annotations, in place; the layers ``keep_float`` matches stay float."""
     from torchao.quantization.pt2e.quantizer import (
         FixedQParamsQuantizationSpec,
         QuantizationAnnotation,
@@ -282,6 +305,8 @@ def annotate(
     for node in graph.nodes:
         if node.op != "call_function" or annotation(node) is not None:
             continue
+        if keep_float and kept_float(layer_of(node), keep_float) is not None:
+            continue
         args = [a for a in node.args if isinstance(a, torch.fx.Node)]
         family = FAMILY.get(node.target)
         if family in ("conv", "linear"):
@@ -302,16 +327,20 @@ def annotate(
                 mark(part, {}, SharedQuantizationSpec((args[0], node)))
 
 
-def quantizer(target: str, qat: bool, bits: int | None = None) -> Quantizer:
+def quantizer(
+    target: str, qat: bool, bits: int | None = None, keep_float: Mapping[str, str] | None = None
+) -> Quantizer:
     """The PT2E quantizer of ``target`` (fake-quant modules for QAT, observers for PTQ) with
-    ``bits``-bit weights (None: the recipe's). Once it has annotated a graph, its ``plan`` is
-    that graph's precision plan."""
+    ``bits``-bit weights (None: the recipe's), leaving float the layers ``keep_float`` ({layer
+    pattern: why}) matches. Once it has annotated a graph, its ``plan`` is that graph's
+    precision plan."""
     from torchao.quantization.pt2e.quantizer import Quantizer
 
     from edgepc.quant.plan import precision_plan
 
     rules = recipe(target)
     activation, weight = _specs(rules, qat, weight_bits(target, bits))
+    keep = dict(keep_float or {})
 
     class EdgeQuantizer(Quantizer):
         plan: PrecisionPlan | None = None
@@ -321,8 +350,8 @@ def quantizer(target: str, qat: bool, bits: int | None = None) -> Quantizer:
             return model
 
         def annotate(self, model: GraphModule) -> GraphModule:
-            annotate(model.graph, rules, activation, weight)
-            self.plan = precision_plan(model.graph, rules)
+            annotate(model.graph, rules, activation, weight, keep)
+            self.plan = precision_plan(model.graph, rules, keep)
             return model
 
         def validate(self, model: GraphModule) -> None:
