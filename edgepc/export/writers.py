@@ -110,6 +110,32 @@ def store_int8_weights(model: onnx.ModelProto) -> int:
     return len(folded)
 
 
+def global_pools(model: onnx.ModelProto) -> int:
+    """Write each ReduceMean over the two spatial axes of a 4-D tensor (dims kept) as the
+    GlobalAveragePool it is: onnxruntime runs that between a DequantizeLinear and a
+    QuantizeLinear as QLinearGlobalAveragePool (uint8), a ReduceMean in float. Needs the
+    exporter's shapes (``value_info``). Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.value_info}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "ReduceMean" or len(node.input) < 2 or ranks.get(node.input[0]) != 4:
+            continue
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        axes = constants.get(node.input[1])
+        if keepdims != 1 or axes is None or sorted(int(a) % 4 for a in axes.ravel()) != [2, 3]:
+            continue
+        node.CopyFrom(helper.make_node("GlobalAveragePool", node.input[:1], node.output, node.name))
+        rewritten += 1
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return rewritten
+
+
 def unshare_zero_points(model: onnx.ModelProto) -> int:
     """Give each DequantizeLinear its own zero-point initializer. The exporter lets weights of
     one width share a zero-point tensor, and onnxruntime's exact int8 mode (``session.
@@ -172,6 +198,7 @@ def write_onnx(
         )
         proto = onnx.load(str(tmp))
         drop_weight_clips(proto)
+        global_pools(proto)
         if int8_weights:
             store_int8_weights(proto)
         unshare_zero_points(proto)

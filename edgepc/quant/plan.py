@@ -66,7 +66,8 @@ class PrecisionPlan:
 
 def _op(node: torch.fx.Node) -> str | None:
     """The op family a plan lists ``node`` under; None for ops that compute nothing of their
-    own on the data (layout, a batch norm / clamp fused into the int8 op before it)."""
+    own on the data (layout, a batch norm: part of its conv, a clamp fused into the int8 op
+    before it)."""
     if node.op != "call_function" or node.target is operator.getitem:
         return None
     if all(arg.op == "get_attr" for arg in node.all_input_nodes):
@@ -75,7 +76,9 @@ def _op(node: torch.fx.Node) -> str | None:
         return None  # shape arithmetic (a dynamic batch's size), no tensor
     if node.target in KEEP_SCALE or node.target in SPLITS:
         return None
-    if node.target in NORMS | CLAMPS and annotation(node) is not None:
+    if node.target in NORMS:
+        return None  # folded into its conv (PTQ) or trained beside it (QAT)
+    if node.target in CLAMPS and annotation(node) is not None:
         return None
     if node.target in FAMILY:
         return FAMILY[node.target]
@@ -111,7 +114,7 @@ def precision_plan(
         if not int8:
             reason = kept_float(layer, keep_float or {}) or (
                 "after a float layer"
-                if node.target in NORMS | CLAMPS
+                if node.target in CLAMPS
                 else recipe.float_reason
                 if family not in recipe.int8_ops
                 else "float input or constant operand"

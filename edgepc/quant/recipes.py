@@ -15,14 +15,16 @@ Every target quantizes:
 Beyond those, a recipe lists the op families its runtime has int8 kernels for
 (:attr:`Recipe.int8_ops`), read from each runtime's own kernel coverage:
 
-- ``cpu`` (onnxruntime QDQ): element-wise ``mul`` (QLinearMul, the squeeze-excitation gate)
-  and ``sigmoid`` (QLinearSigmoid); SiLU is split into sigmoid and mul to use both. No int8
-  HardSwish, HardSigmoid or ReduceMean: those run in float. Activations are uint8, affine
-  (zero-point 0 after a ReLU), with 7-bit weights (±63), the u8·s8 form of onnxruntime's x86
-  kernels: on x86 CPUs without VNNI those kernels add each pair of products in a saturating
-  int16 (``vpmaddubsw``), and 255 × 63 × 2 < 32,767 keeps them exact where ±127 weights
-  drift. onnxruntime's exact mode (:func:`edgepc_device.runtimes.x86_without_vnni`) widens
-  only weights outside ±64, so one file runs exactly and on the fast kernels on every x86 CPU;
+- ``cpu`` (onnxruntime QDQ): element-wise ``mul`` (QLinearMul, the squeeze-excitation gate),
+  ``sigmoid`` (QLinearSigmoid) and ``global mean`` (the exporter's ReduceMean over both spatial
+  axes is written as GlobalAveragePool: QLinearGlobalAveragePool); SiLU is split into sigmoid
+  and mul to use both. No int8 HardSwish, HardSigmoid or other means: those run in float.
+  Activations are uint8, affine (zero-point 0 after a ReLU), with 7-bit weights (±63), the
+  u8·s8 form of onnxruntime's x86 kernels: on x86 CPUs without VNNI those kernels add each pair
+  of products in a saturating int16 (``vpmaddubsw``), and 255 × 63 × 2 < 32,767 keeps them
+  exact where ±127 weights drift. onnxruntime's exact mode
+  (:func:`edgepc_device.runtimes.x86_without_vnni`) widens only weights outside ±64, so one
+  file runs exactly and on the fast kernels on every x86 CPU;
 - ``mobile`` (LiteRT full-integer, the TFLite int8 spec, XNNPACK): also ``mul``, ``sigmoid``
   (LOGISTIC, output scale 1/256 as the spec fixes it) and ``mean`` (MEAN). XNNPACK takes no
   int8 HARD_SWISH and TFLite has no HardSigmoid: both, and SiLU, are written as int8 ADD / MUL /
@@ -78,7 +80,8 @@ class Recipe:
 
 
 CORE = frozenset({"conv", "linear", "add", "cat"})  # every runtime's int8 kernels
-ONNXRUNTIME_QDQ = Recipe(torch.uint8, False, 7, True, "onnxruntime", CORE | {"mul", "sigmoid"},
+ONNXRUNTIME_QDQ = Recipe(torch.uint8, False, 7, True, "onnxruntime",
+                         CORE | {"mul", "sigmoid", "global mean"},
                          frozenset({"silu"}),
                          "onnxruntime QDQ, u8 activations, 7-bit weights")  # fmt: skip
 LITERT_INT8 = Recipe(torch.int8, False, 8, True, "LiteRT", CORE | {"mul", "sigmoid", "mean"},
@@ -234,6 +237,24 @@ def _constant(model: GraphModule, value: float) -> Node:
     return model.graph.get_attr(name)
 
 
+def _int8_mean(node: Node, recipe: Recipe) -> bool:
+    """Whether ``recipe`` runs the mean ``node`` in int8: any mean, or a global one (over both
+    spatial axes of a 4-D tensor, dims kept: the exporter writes it as GlobalAveragePool)."""
+    if "mean" in recipe.int8_ops:
+        return True
+    if "global mean" not in recipe.int8_ops:
+        return False
+    x = node.args[0]
+    if len(getattr(x, "meta", {}).get("val", torch.empty(0)).shape) != 4:
+        return False
+    if node.target == aten.adaptive_avg_pool2d.default:
+        return list(node.args[1]) in ([1, 1], [1])
+    if node.target == aten.mean.dim:
+        dims, keepdim = node.args[1], (*node.args[2:], node.kwargs.get("keepdim", False))[0]
+        return keepdim and sorted(d % 4 for d in dims) == [2, 3]
+    return False
+
+
 def split_activations(model: GraphModule, recipe: Recipe) -> int:
     """Rewrite the activations of ``recipe.split`` into int8 ops of its runtime, with the same
     values: SiLU as ``x · sigmoid(x)``; HardSigmoid as ``relu6(x + 3) · 1/6`` and HardSwish as
@@ -317,7 +338,7 @@ def annotate(
             mark(node, {a: activation for a in node.args[0]}, activation)
         elif family in ("sigmoid", "hardsigmoid", "hardswish") and family in recipe.int8_ops:
             mark(node, {args[0]: activation}, unit if family in UNIT_RANGE else activation)
-        elif family == "mean" and family in recipe.int8_ops and quantized(args[0]):
+        elif family == "mean" and quantized(args[0]) and _int8_mean(node, recipe):
             mark(node, {args[0]: activation}, activation)
         elif node.target in KEEP_SCALE and quantized(args[0]):
             mark(node, {args[0]: activation}, SharedQuantizationSpec((args[0], node)))
