@@ -130,3 +130,19 @@ def test_speed_plans_are_made_for_onnxruntime_files_only(student):
     model, images = student
     with pytest.raises(ValueError, match="not ai-edge-litert"):
         speed_plan.choose(model, TARGETS["mobile"], images)
+
+
+def test_kernel_times_name_the_plans_kinds_in_both_files(student, tmp_path):
+    """onnxruntime's profiler, its nodes read back as the plan's kinds: fp32 Conv / FusedConv /
+    Gemm and int8 QLinearConv / QGemm alike."""
+    model, images = student
+    (tmp_path / "int8").mkdir()
+    plan, _ = cpu_ops(student, {}, tmp_path / "int8")
+    (tmp_path / "fp32").mkdir()
+    fp32 = TARGETS["cpu"].write(model, images[:2], tmp_path / "fp32", False)
+    image = images[:1].numpy()
+    kinds = {p.kind for p in plan.values()}
+    for path in (fp32, tmp_path / "int8" / "model.onnx"):
+        times = speed_plan.kernel_times(path, image)
+        assert {"conv", "depthwise conv", "1×1 conv", "linear"} <= set(times) <= kinds, times
+        assert all(us > 0 for us in times.values()), times
