@@ -24,7 +24,7 @@ import json
 import tempfile
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,8 +65,7 @@ class SpeedPlan:
     int8_ms: float = 0.0  # of the chosen plan
 
     def to_json(self) -> dict:
-        return {"keep_float": self.keep_float, "trials": self.trials,
-                "fp32_ms": self.fp32_ms, "int8_ms": self.int8_ms}  # fmt: skip
+        return asdict(self)
 
     @classmethod
     def from_json(cls, record: dict) -> SpeedPlan:
